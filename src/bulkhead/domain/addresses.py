@@ -167,6 +167,14 @@ class AddressSet:
                 for net in ipaddress.summarize_address_range(mk(lo), mk(hi)):
                     yield str(net)
 
+    def describe_intervals(self) -> list[tuple[str, str]]:
+        """Every interval as (first, last) text, v4 then v6."""
+        out: list[tuple[str, str]] = []
+        for v in (4, 6):
+            mk = ipaddress.IPv4Address if v == 4 else ipaddress.IPv6Address
+            out.extend((str(mk(lo)), str(mk(hi))) for lo, hi in (self.v4 if v == 4 else self.v6))
+        return out
+
     def size(self) -> int:
         return sum(hi - lo + 1 for lo, hi in self.v4) + sum(hi - lo + 1 for lo, hi in self.v6)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from bulkhead.dataplane.model import CompiledRule, CompiledWorkload, PeerSet
 from bulkhead.domain.addresses import EMPTY, AddressSet
 from bulkhead.domain.model import Policy, Workload
-from bulkhead.policy.resolve import Instance, ResolvedPolicy, Side, resolve
+from bulkhead.policy.resolve import Instance, ResolvedPolicy, Side, match_labels, resolve
 
 
 def side_peers(side: Side, workloads: tuple[Workload, ...]) -> PeerSet:
@@ -60,3 +60,172 @@ def compile_naive(policy: Policy) -> dict[str, CompiledWorkload]:
     cons = [side_peers(i.consumers, policy.workloads) for i in resolved.instances]
     prov = [side_peers(i.providers, policy.workloads) for i in resolved.instances]
     return {w.name: compile_workload(w, resolved, cons, prov) for w in policy.workloads}
+
+
+LabelSet = tuple[tuple[str, str], ...]
+
+
+class _SideIndex:
+    """Membership of workloads in one side (consumers or providers) of every instance."""
+
+    def __init__(self, instances: tuple[Instance, ...], provider: bool) -> None:
+        self.instances = instances
+        self.provider = provider
+        self.by_identity: dict[LabelSet, frozenset[int]] = {}
+        self.named: dict[str, list[int]] = {}  # workload name -> instances naming it
+        self.with_addresses = [i.index for i in instances if self.side(i).addresses]
+        self.with_users = [i.index for i in instances if self.side(i).users]
+        for inst in instances:
+            for t in self.side(inst).terms:
+                if t.name is not None:
+                    self.named.setdefault(t.name, []).append(inst.index)
+        self.members: list[set[str]] = [set() for _ in instances]  # matched by a term
+        self.local: list[set[str]] = [set() for _ in instances]  # matched by own address
+
+    def side(self, inst: Instance) -> Side:
+        return inst.providers if self.provider else inst.consumers
+
+    def identity(self, labels: LabelSet) -> frozenset[int]:
+        got = self.by_identity.get(labels)
+        if got is None:
+            lab = dict(labels)
+            got = frozenset(
+                i.index for i in self.instances
+                if any(t.name is None and match_labels(t.match, lab) for t in self.side(i).terms))
+            self.by_identity[labels] = got
+        return got
+
+    def term_member_of(self, w: Workload) -> set[int]:
+        out = set(self.identity(w.labels))
+        lab = w.label_dict
+        for idx in self.named.get(w.name, ()):
+            if any(t.name == w.name and match_labels(t.match, lab)
+                   for t in self.side(self.instances[idx]).terms):
+                out.add(idx)
+        return out
+
+    def local_member_of(self, w: Workload) -> set[int]:
+        return {idx for idx in self.with_addresses
+                if any(self.side(self.instances[idx]).addresses.contains(ip) for ip in w.ips)}
+
+
+class Compiler:
+    """Full compile once, then incremental updates; output always equals `compile_naive`."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.resolved = resolve(policy)
+        self.settings = policy.settings
+        self.workloads: dict[str, Workload] = {}
+        self.cons = _SideIndex(self.resolved.instances, provider=False)
+        self.prov = _SideIndex(self.resolved.instances, provider=True)
+        self.member_of: dict[str, tuple[set[int], set[int], set[int], set[int]]] = {}
+        for w in policy.workloads:
+            self._add(w)
+        n = len(self.resolved.instances)
+        self.cons_peers: list[PeerSet] = [self._peers(self.cons, i) for i in range(n)]
+        self.prov_peers: list[PeerSet] = [self._peers(self.prov, i) for i in range(n)]
+        self.compiled: dict[str, CompiledWorkload] = {
+            name: self._compile(w) for name, w in self.workloads.items()}
+
+    # -- state ----------------------------------------------------------------------------
+    def _add(self, w: Workload) -> None:
+        self.workloads[w.name] = w
+        sets = (self.cons.term_member_of(w), self.prov.term_member_of(w),
+                self.cons.local_member_of(w), self.prov.local_member_of(w))
+        self.member_of[w.name] = sets
+        for idx in sets[0]:
+            self.cons.members[idx].add(w.name)
+        for idx in sets[1]:
+            self.prov.members[idx].add(w.name)
+        for idx in sets[2]:
+            self.cons.local[idx].add(w.name)
+        for idx in sets[3]:
+            self.prov.local[idx].add(w.name)
+
+    def _drop(self, name: str) -> None:
+        self.workloads.pop(name)
+        c, p, lc, lp = self.member_of.pop(name)
+        for idx in c:
+            self.cons.members[idx].discard(name)
+        for idx in p:
+            self.prov.members[idx].discard(name)
+        for idx in lc:
+            self.cons.local[idx].discard(name)
+        for idx in lp:
+            self.prov.local[idx].discard(name)
+
+    def _peers(self, index: _SideIndex, idx: int) -> PeerSet:
+        hosts = frozenset(ip for name in index.members[idx] for ip in self.workloads[name].ips)
+        return PeerSet(hosts, index.side(self.resolved.instances[idx]).addresses)
+
+    def _compile(self, w: Workload) -> CompiledWorkload:
+        c, p, lc, lp = self.member_of[w.name]
+        inst = self.resolved.instances
+        inbound = []
+        for idx in sorted(p | lp):
+            r = _local_rule(inst[idx], inst[idx].providers, w, self.cons_peers[idx],
+                            outbound=False)
+            if r is not None:
+                inbound.append(r)
+        outbound = []
+        for idx in sorted(c | lc | set(self.cons.with_users)):
+            r = _local_rule(inst[idx], inst[idx].consumers, w, self.prov_peers[idx],
+                            outbound=True)
+            if r is not None:
+                outbound.append(r)
+        return CompiledWorkload(w.name, w.ips, w.enforcement, w.os, self.settings.outbound,
+                                tuple(inbound), tuple(outbound))
+
+    # -- incremental updates ---------------------------------------------------------------
+    def update_workload(self, w: Workload) -> set[str]:
+        """Add or replace one workload; returns the names whose compiled policy changed."""
+        old = self.workloads.get(w.name)
+        old_sets = self.member_of.get(w.name, (set(), set(), set(), set()))
+        if old is not None:
+            self._drop(w.name)
+        self._add(w)
+        new_sets = self.member_of[w.name]
+        same_ips = old is not None and old.ips == w.ips
+        return self._refresh(w.name, old_sets, new_sets, same_ips)
+
+    def remove_workload(self, name: str) -> set[str]:
+        """Remove one workload; returns the names whose compiled policy changed (not `name`)."""
+        if name not in self.workloads:
+            return set()
+        old_sets = self.member_of[name]
+        self._drop(name)
+        changed = self._refresh(name, old_sets, (set(), set(), set(), set()), False)
+        self.compiled.pop(name, None)
+        changed.discard(name)
+        return changed
+
+    def _refresh(self, name: str, old: tuple[set[int], ...], new: tuple[set[int], ...],
+                 same_ips: bool) -> set[str]:
+        cons_changed = (old[0] ^ new[0]) if same_ips else (old[0] | new[0])
+        prov_changed = (old[1] ^ new[1]) if same_ips else (old[1] | new[1])
+        todo = {name} if name in self.workloads else set()
+        everyone_out = False
+        for idx in cons_changed:
+            self.cons_peers[idx] = self._peers(self.cons, idx)
+            todo |= self.prov.members[idx] | self.prov.local[idx]
+        for idx in prov_changed:
+            self.prov_peers[idx] = self._peers(self.prov, idx)
+            todo |= self.cons.members[idx] | self.cons.local[idx]
+            if idx in self.cons.with_users:
+                everyone_out = True
+        if everyone_out:
+            todo |= set(self.workloads)
+        changed = set()
+        for n in todo:
+            cw = self._compile(self.workloads[n])
+            if self.compiled.get(n) != cw:
+                self.compiled[n] = cw
+                changed.add(n)
+        return changed
+
+    def policy(self) -> Policy:
+        """The policy as it stands after the updates (workloads in name order)."""
+        from dataclasses import replace
+
+        return replace(self.resolved.policy,
+                       workloads=tuple(self.workloads[n] for n in sorted(self.workloads)))

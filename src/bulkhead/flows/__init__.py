@@ -1,0 +1,1 @@
+"""Flow records: schema, parsers and stores."""
