@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-if [ "$(id -u)" = 0 ]; then export BULKHEAD_REQUIRE_PRIVILEGED=1; fi
+if [ "$(id -u)" = 0 ]; then
+    export BULKHEAD_REQUIRE_PRIVILEGED=1 BULKHEAD_REQUIRE_POSTGRES=1
+fi
 echo "== ruff"
 .venv/bin/ruff check src tests bench
 echo "== mypy"

@@ -5,11 +5,13 @@ from __future__ import annotations
 import typer
 
 from bulkhead import __version__
+from bulkhead.cli.demo import demo
 from bulkhead.cli.policy import app as policy_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Bulkhead: label-based micro-segmentation on each host's own firewall.")
 app.add_typer(policy_app, name="policy")
+app.command()(demo)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,1 @@
+"""The control plane: REST API, storage, agent channel, web console."""

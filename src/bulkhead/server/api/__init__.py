@@ -1,0 +1,1 @@
+"""HTTP routers (`/api/v1`), one module per area."""

@@ -1,0 +1,1 @@
+"""Use-case functions: keyword-only, own no transaction, raise domain errors."""
