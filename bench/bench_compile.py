@@ -16,9 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synth import make_policy  # noqa: E402
-
-from bulkhead.policy.compile import Compiler, compile_naive  # noqa: E402
+from bulkhead.policy.compile import Compiler, compile_naive
+from synth import make_policy
 
 
 def main() -> None:

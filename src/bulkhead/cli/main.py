@@ -7,10 +7,12 @@ import typer
 from bulkhead import __version__
 from bulkhead.cli.demo import demo
 from bulkhead.cli.policy import app as policy_app
+from bulkhead.cli.server import app as server_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Bulkhead: label-based micro-segmentation on each host's own firewall.")
 app.add_typer(policy_app, name="policy")
+app.add_typer(server_app, name="server")
 app.command()(demo)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import NoReturn
 
@@ -21,19 +21,19 @@ from bulkhead.domain.model import Policy
 app = typer.Typer(no_args_is_help=True, help="Policy as code: check, evaluate, compile.")
 
 
-class Fmt(str, Enum):
+class Fmt(StrEnum):
     csv = "csv"
     jsonl = "jsonl"
 
 
-class Target(str, Enum):
+class Target(StrEnum):
     nftables = "nftables"
     iptables = "iptables"
     windows = "windows"
     kubernetes = "kubernetes"
 
 
-class TextFmt(str, Enum):
+class TextFmt(StrEnum):
     text = "text"
     json = "json"
 
@@ -204,19 +204,28 @@ def compile(file: Path,
         raise typer.Exit(1)
     ctx = _parse_context(control_plane, cgroup, uid, nflog_group)
     assert isinstance(ctx, HostContext)
+    w = policy.workload(workload)
+    if w is not None and not w.managed:
+        typer.echo(f"note: {workload} is unmanaged: no agent applies this artefact to it",
+                   err=True)
     cw = Compiler(policy).compiled[workload]
-    if target == Target.nftables:
-        from bulkhead.dataplane.nftables import render_nftables
+    try:
+        if target == Target.nftables:
+            from bulkhead.dataplane.nftables import render_nftables
 
-        typer.echo(render_nftables(cw, ctx), nl=False)
-    elif target == Target.iptables:
-        from bulkhead.dataplane.iptables import render_iptables
+            typer.echo(render_nftables(cw, ctx), nl=False)
+            return
+        if target == Target.iptables:
+            from bulkhead.dataplane.iptables import render_iptables
 
-        typer.echo(render_iptables(cw, ctx).text(), nl=False)
-    else:
-        typer.echo(f"target {target.value!r} is not available in this release "
-                   "(available: nftables, iptables)", err=True)
-        raise typer.Exit(2)
+            typer.echo(render_iptables(cw, ctx).text(), nl=False)
+            return
+    except ValueError as exc:
+        typer.echo(f"{file}: cannot compile {workload} for {target.value}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"target {target.value!r} is not available in this release "
+               "(available: nftables, iptables)", err=True)
+    raise typer.Exit(2)
 
 
 @app.command()

@@ -22,20 +22,20 @@ def side_peers(side: Side, workloads: tuple[Workload, ...]) -> PeerSet:
     return PeerSet(hosts, side.addresses)
 
 
-def _local_rule(inst: Instance, side: Side, w: Workload, peers: PeerSet,
-                *, outbound: bool) -> CompiledRule | None:
-    """The rule W gets from `inst` when W is on `side`, or None when it is not."""
+def _local_rules(inst: Instance, side: Side, w: Workload, peers: PeerSet,
+                 *, outbound: bool) -> list[CompiledRule]:
+    """The rules W gets from `inst` when W is on `side` (none when it is not)."""
+    base = (inst.action, peers, inst.services, inst.rule_id, inst.index)
     if side.matches_workload(w):
-        return CompiledRule(inst.action, peers, inst.services, inst.rule_id, inst.index)
+        return [CompiledRule(*base)]
+    out = []
     local = AddressSet.of_ips(ip for ip in w.ips if side.addresses.contains(ip)) if (
         side.addresses) else EMPTY
     if local:
-        return CompiledRule(inst.action, peers, inst.services, inst.rule_id, inst.index,
-                            local=local)
+        out.append(CompiledRule(*base, local=local))
     if outbound and side.users:
-        return CompiledRule(inst.action, peers, inst.services, inst.rule_id, inst.index,
-                            users=side.users)
-    return None
+        out.append(CompiledRule(*base, users=side.users))
+    return out
 
 
 def compile_workload(w: Workload, resolved: ResolvedPolicy,
@@ -44,12 +44,10 @@ def compile_workload(w: Workload, resolved: ResolvedPolicy,
     inbound: list[CompiledRule] = []
     outbound: list[CompiledRule] = []
     for inst in resolved.instances:
-        r_in = _local_rule(inst, inst.providers, w, consumer_peers[inst.index], outbound=False)
-        if r_in is not None:
-            inbound.append(r_in)
-        r_out = _local_rule(inst, inst.consumers, w, provider_peers[inst.index], outbound=True)
-        if r_out is not None:
-            outbound.append(r_out)
+        inbound += _local_rules(inst, inst.providers, w, consumer_peers[inst.index],
+                                outbound=False)
+        outbound += _local_rules(inst, inst.consumers, w, provider_peers[inst.index],
+                                 outbound=True)
     p = resolved.policy
     return CompiledWorkload(w.name, w.ips, w.enforcement, w.os, p.settings.outbound,
                             tuple(inbound), tuple(outbound))
@@ -161,18 +159,14 @@ class Compiler:
     def _compile(self, w: Workload) -> CompiledWorkload:
         c, p, lc, lp = self.member_of[w.name]
         inst = self.resolved.instances
-        inbound = []
+        inbound: list[CompiledRule] = []
         for idx in sorted(p | lp):
-            r = _local_rule(inst[idx], inst[idx].providers, w, self.cons_peers[idx],
-                            outbound=False)
-            if r is not None:
-                inbound.append(r)
-        outbound = []
+            inbound += _local_rules(inst[idx], inst[idx].providers, w, self.cons_peers[idx],
+                                    outbound=False)
+        outbound: list[CompiledRule] = []
         for idx in sorted(c | lc | set(self.cons.with_users)):
-            r = _local_rule(inst[idx], inst[idx].consumers, w, self.prov_peers[idx],
-                            outbound=True)
-            if r is not None:
-                outbound.append(r)
+            outbound += _local_rules(inst[idx], inst[idx].consumers, w, self.prov_peers[idx],
+                                     outbound=True)
         return CompiledWorkload(w.name, w.ips, w.enforcement, w.os, self.settings.outbound,
                                 tuple(inbound), tuple(outbound))
 
