@@ -11,10 +11,12 @@ Two implementations with one output:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from bulkhead.dataplane.model import CompiledRule, CompiledWorkload, PeerSet
-from bulkhead.domain.addresses import EMPTY, AddressSet
+from bulkhead.domain.addresses import EMPTY, AddressSet, parse_ip
 from bulkhead.domain.model import Policy, Workload
-from bulkhead.policy.resolve import Instance, ResolvedPolicy, Side, match_labels, resolve
+from bulkhead.policy.resolve import Instance, Match, ResolvedPolicy, Side, match_labels, resolve
 
 
 def side_peers(side: Side, workloads: tuple[Workload, ...]) -> PeerSet:
@@ -23,10 +25,11 @@ def side_peers(side: Side, workloads: tuple[Workload, ...]) -> PeerSet:
 
 
 def _local_rules(inst: Instance, side: Side, w: Workload, peers: PeerSet,
-                 *, outbound: bool) -> list[CompiledRule]:
-    """The rules W gets from `inst` when W is on `side` (none when it is not)."""
+                 *, outbound: bool, term_member: bool | None = None) -> list[CompiledRule]:
+    """The rules W gets from `inst` when W is on `side` (none when it is not).
+    `term_member`, when known, says whether W matches one of the side's terms."""
     base = (inst.action, peers, inst.services, inst.rule_id, inst.index)
-    if side.matches_workload(w):
+    if term_member if term_member is not None else side.matches_workload(w):
         return [CompiledRule(*base)]
     out = []
     local = AddressSet.of_ips(ip for ip in w.ips if side.addresses.contains(ip)) if (
@@ -71,12 +74,27 @@ class _SideIndex:
         self.provider = provider
         self.by_identity: dict[LabelSet, frozenset[int]] = {}
         self.named: dict[str, list[int]] = {}  # workload name -> instances naming it
-        self.with_addresses = [i.index for i in instances if self.side(i).addresses]
         self.with_users = [i.index for i in instances if self.side(i).users]
+        self.users_set = frozenset(self.with_users)
+        # instances grouped by their (shared) IP-list address set: membership by address is
+        # computed once per distinct set
+        self.by_addresses: dict[AddressSet, list[int]] = {}
+        for i in instances:
+            if self.side(i).addresses:
+                self.by_addresses.setdefault(self.side(i).addresses, []).append(i.index)
+        # nameless terms indexed by one pivot (key, value); terms matching everything apart
+        self.pivot: dict[tuple[str, str], list[tuple[int, Match]]] = {}
+        self.always: list[int] = []
         for inst in instances:
             for t in self.side(inst).terms:
                 if t.name is not None:
                     self.named.setdefault(t.name, []).append(inst.index)
+                elif not t.match:
+                    self.always.append(inst.index)
+                else:
+                    key, values = min(t.match, key=lambda kv: len(kv[1]))
+                    for v in values:
+                        self.pivot.setdefault((key, v), []).append((inst.index, t.match))
         self.members: list[set[str]] = [set() for _ in instances]  # matched by a term
         self.local: list[set[str]] = [set() for _ in instances]  # matched by own address
 
@@ -87,9 +105,12 @@ class _SideIndex:
         got = self.by_identity.get(labels)
         if got is None:
             lab = dict(labels)
-            got = frozenset(
-                i.index for i in self.instances
-                if any(t.name is None and match_labels(t.match, lab) for t in self.side(i).terms))
+            found = set(self.always)
+            for kv in labels:
+                for idx, match in self.pivot.get(kv, ()):
+                    if idx not in found and match_labels(match, lab):
+                        found.add(idx)
+            got = frozenset(found)
             self.by_identity[labels] = got
         return got
 
@@ -103,8 +124,14 @@ class _SideIndex:
         return out
 
     def local_member_of(self, w: Workload) -> set[int]:
-        return {idx for idx in self.with_addresses
-                if any(self.side(self.instances[idx]).addresses.contains(ip) for ip in w.ips)}
+        if not self.by_addresses or not w.ips:
+            return set()
+        parsed = [(a.version, int(a)) for a in map(parse_ip, w.ips)]
+        out: set[int] = set()
+        for addrs, idxs in self.by_addresses.items():
+            if any(addrs.contains_int(v, n) for v, n in parsed):
+                out.update(idxs)
+        return out
 
 
 class Compiler:
@@ -162,11 +189,11 @@ class Compiler:
         inbound: list[CompiledRule] = []
         for idx in sorted(p | lp):
             inbound += _local_rules(inst[idx], inst[idx].providers, w, self.cons_peers[idx],
-                                    outbound=False)
+                                    outbound=False, term_member=idx in p)
         outbound: list[CompiledRule] = []
-        for idx in sorted(c | lc | set(self.cons.with_users)):
+        for idx in sorted(c | lc | self.cons.users_set):
             outbound += _local_rules(inst[idx], inst[idx].consumers, w, self.prov_peers[idx],
-                                     outbound=True)
+                                     outbound=True, term_member=idx in c)
         return CompiledWorkload(w.name, w.ips, w.enforcement, w.os, self.settings.outbound,
                                 tuple(inbound), tuple(outbound))
 
@@ -197,29 +224,46 @@ class Compiler:
                  same_ips: bool) -> set[str]:
         cons_changed = (old[0] ^ new[0]) if same_ips else (old[0] | new[0])
         prov_changed = (old[1] ^ new[1]) if same_ips else (old[1] | new[1])
-        todo = {name} if name in self.workloads else set()
-        everyone_out = False
+        # other workloads keep their memberships: only the peers of these instances move
+        peers_in: set[int] = set()  # inbound rules whose consumer peers changed
+        peers_out: set[int] = set()  # outbound rules whose provider peers changed
+        todo: set[str] = set()
         for idx in cons_changed:
             self.cons_peers[idx] = self._peers(self.cons, idx)
+            peers_in.add(idx)
             todo |= self.prov.members[idx] | self.prov.local[idx]
         for idx in prov_changed:
             self.prov_peers[idx] = self._peers(self.prov, idx)
+            peers_out.add(idx)
             todo |= self.cons.members[idx] | self.cons.local[idx]
-            if idx in self.cons.with_users:
-                everyone_out = True
-        if everyone_out:
-            todo |= set(self.workloads)
+            if idx in self.cons.users_set:
+                todo |= set(self.workloads)
         changed = set()
+        if name in self.workloads:
+            cw = self._compile(self.workloads[name])
+            if self.compiled.get(name) != cw:
+                self.compiled[name] = cw
+                changed.add(name)
+        todo.discard(name)
         for n in todo:
-            cw = self._compile(self.workloads[n])
-            if self.compiled.get(n) != cw:
+            old_cw = self.compiled[n]
+            cw = replace(old_cw,
+                         inbound=self._repeer(old_cw.inbound, peers_in, self.cons_peers),
+                         outbound=self._repeer(old_cw.outbound, peers_out, self.prov_peers))
+            if cw != old_cw:
                 self.compiled[n] = cw
                 changed.add(n)
         return changed
 
+    @staticmethod
+    def _repeer(rules: tuple[CompiledRule, ...], moved: set[int],
+                peers: list[PeerSet]) -> tuple[CompiledRule, ...]:
+        if not moved:
+            return rules
+        return tuple(replace(r, peers=peers[r.instance]) if r.instance in moved else r
+                     for r in rules)
+
     def policy(self) -> Policy:
         """The policy as it stands after the updates (workloads in name order)."""
-        from dataclasses import replace
-
         return replace(self.resolved.policy,
                        workloads=tuple(self.workloads[n] for n in sorted(self.workloads)))
