@@ -4,7 +4,9 @@
 a pure function of the flow. It is the oracle that the batch evaluator and every compiler are
 tested against, so it stays simple: find the matching instances, compute the raw verdict once
 (both sides look at the same instances), soften it per side by that side's enforcement state,
-and take the worst side.
+and take the worst side. One refinement: a user-group match is visible only on the
+consumer's host (no firewall sees the remote user), so the provider side's raw verdict is
+computed without the instances matched through a user group alone.
 """
 
 from __future__ import annotations
@@ -79,13 +81,15 @@ def severity(decision: str) -> int:
 
 
 def combine(raw: str, provider: Workload | None, consumer: Workload | None,
-            outbound: str) -> tuple[str, str]:
-    """(decision, deciding side) from the raw verdict and the two ends' workloads."""
+            outbound: str, consumer_raw: str | None = None) -> tuple[str, str]:
+    """(decision, deciding side) from the raw verdict and the two ends' workloads.
+    `consumer_raw` is the consumer side's raw verdict when it differs (user-group rules)."""
     sides: list[tuple[str, str]] = []
     if provider is not None and provider.managed:
         sides.append((soften(raw, provider.enforcement), "provider"))
     if consumer is not None and consumer.managed:
-        verdict = ALLOWED if outbound == "allow" else soften(raw, consumer.enforcement)
+        c_raw = raw if consumer_raw is None else consumer_raw
+        verdict = ALLOWED if outbound == "allow" else soften(c_raw, consumer.enforcement)
         sides.append((verdict, "consumer"))
     if not sides:
         return UNKNOWN, ""
@@ -126,7 +130,15 @@ class Evaluator:
                 return None
         return w
 
-    def matching(self, flow: Flow, src: Workload | None, dst: Workload | None) -> list[Instance]:
+    def matching(self, flow: Flow, src: Workload | None,
+                 dst: Workload | None) -> list[Instance]:
+        """Every instance that matches the flow (the consumer side's view)."""
+        return [i for i, _ in self.matching_sides(flow, src, dst)]
+
+    def matching_sides(self, flow: Flow, src: Workload | None,
+                       dst: Workload | None) -> list[tuple[Instance, bool]]:
+        """Matching instances, each with whether the provider side can see the match: a
+        match through a user group only is seen by the consumer's host alone."""
         prov: set[int] = set(self.as_provider[dst.name]) if dst is not None else set()
         cons: set[int] = set(self.as_consumer[src.name]) if src is not None else set()
         if self.ip_providers:
@@ -137,23 +149,27 @@ class Evaluator:
             s = parse_ip(flow.src_ip)
             cons.update(i.index for i in self.ip_consumers
                         if i.consumers.addresses.contains_int(s.version, int(s)))
+        by_user: set[int] = set()
         if flow.user is not None:
-            cons.update(i.index for i in self.user_consumers if flow.user in i.consumers.users)
+            by_user = {i.index for i in self.user_consumers if flow.user in i.consumers.users}
         out = []
-        for idx in sorted(prov & cons):
+        for idx in sorted(prov & (cons | by_user)):
             inst = self.instances[idx]
             if inst.service_matches(flow.proto, flow.dst_port, flow.process, flow.unit):
-                out.append(inst)
+                out.append((inst, idx in cons))
         return out
 
     def decide(self, flow: Flow) -> Decision:
         src = self.workload_for(flow.src_ip)
         dst = self.workload_for(flow.dst_ip)
-        hits = self.matching(flow, src, dst)
-        actions = {i.action for i in hits}
-        raw = raw_verdict("override_deny" in actions, "allow" in actions, "deny" in actions)
-        decision, side = combine(raw, dst, src, self.policy.settings.outbound)
-        return Decision(decision, side, tuple(dict.fromkeys(i.rule_id for i in hits)))
+        hits = self.matching_sides(flow, src, dst)
+        every = {i.action for i, _ in hits}
+        seen = {i.action for i, visible in hits if visible}
+        consumer_raw = raw_verdict("override_deny" in every, "allow" in every, "deny" in every)
+        raw = consumer_raw if seen == every else raw_verdict(
+            "override_deny" in seen, "allow" in seen, "deny" in seen)
+        decision, side = combine(raw, dst, src, self.policy.settings.outbound, consumer_raw)
+        return Decision(decision, side, tuple(dict.fromkeys(i.rule_id for i, _ in hits)))
 
 
 def evaluate(flow: Flow, policy: Policy) -> Decision:

@@ -109,7 +109,7 @@ class Instance:
     consumers: Side
     providers: Side
     services: tuple[ResolvedService, ...]
-    never_matches: bool = False  # some actor was contradicted by the scope
+    contradicted_actor: bool = False  # some workload actor was contradicted by the scope
 
     def service_matches(self, proto: int, port: int | None, process: str | None = None,
                         unit: str | None = None) -> bool:
@@ -138,7 +138,7 @@ class Resolver:
         for key, value in sel.terms:
             if isinstance(value, GroupRef):
                 vals = self.group_values.get(value.name, frozenset())
-            elif isinstance(value, tuple):
+            elif isinstance(value, (tuple, list)):
                 vals = frozenset(value)
             else:
                 vals = frozenset((value,))
@@ -186,7 +186,8 @@ class Resolver:
             if svc is None:
                 out.append(ResolvedService(PortSpec.parse(s)))
             else:
-                out.extend(ResolvedService(PortSpec.parse(p), svc.process, svc.unit)
+                proc = exe_name(svc.process) if svc.process else None
+                out.extend(ResolvedService(PortSpec.parse(p), proc, svc.unit)
                            for p in svc.ports)
         return tuple(dict.fromkeys(out))
 
@@ -206,7 +207,7 @@ class Resolver:
                     prov, p_bad = self.side(rule.providers, scope, True)
                     instances.append(Instance(
                         len(instances), rid, rule.action, rs.name, f"rulesets[{ri}].rules[{j}]",
-                        si, cons, prov, services, c_bad or p_bad))
+                        si, cons, prov, services, contradicted_actor=c_bad or p_bad))
         return ResolvedPolicy(self.policy, tuple(instances), self.group_values, tuple(rule_ids))
 
     def _scopes(self, rs: Ruleset) -> list[tuple[int | None, Match | None]]:
