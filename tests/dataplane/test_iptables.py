@@ -470,9 +470,16 @@ def test_multiport_splits_at_fifteen_slots() -> None:
 
 
 def test_protocol_zero_fails_closed() -> None:
-    # `-p 0` means every protocol to iptables: an allow leaves it out, a deny widens to all
-    assert _in(_cw((_rule(services=_svc("proto/0")),))) == []
-    deny = _in(_cw((_rule("deny", services=_svc("proto/0"), instance=3),)))
+    # `-p 0` means every protocol to iptables: the policy format refuses `proto/0`, and a
+    # compiled rule carrying it anyway (hand-built) is left out of an allow, widened in a deny
+    from bulkhead.domain.ports import PortSpec, PortSpecError
+    from bulkhead.policy.resolve import ResolvedService
+
+    with pytest.raises(PortSpecError):
+        PortSpec.parse("proto/0")
+    zero = (ResolvedService(PortSpec(0)),)
+    assert _in(_cw((_rule(services=zero),))) == []
+    deny = _in(_cw((_rule("deny", services=zero, instance=3),)))
     assert deny[0] == ("-m set --match-set bulkhead-p0-h4 src -m comment --comment r "
                        '-j NFLOG --nflog-prefix "bh:d:3" --nflog-group 7')
 

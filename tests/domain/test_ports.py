@@ -26,7 +26,7 @@ def test_parse(text: str, spec: PortSpec) -> None:
 
 
 @pytest.mark.parametrize("text", ["tcp/0", "tcp/65536", "tcp/9-1", "icmp/1-3", "gre/1",
-                                  "foo/1", "tcp/x", "300", "icmp/256"])
+                                  "foo/1", "tcp/x", "300", "icmp/256", "proto/0"])
 def test_reject(text: str) -> None:
     with pytest.raises(PortSpecError):
         PortSpec.parse(text)

@@ -33,8 +33,9 @@ def parse_proto(text: str | int) -> int:
         if not t.isdigit():
             raise PortSpecError(f"unknown protocol {text!r}")
         value = int(t)
-    if not 0 <= value <= 255:
-        raise PortSpecError(f"protocol number {value} out of range 0-255")
+    if not 1 <= value <= 255:
+        raise PortSpecError(f"protocol number {value} out of range 1-255 (for every "
+                            "protocol write 'any')")
     return value
 
 

@@ -66,7 +66,7 @@ def compile_naive(policy: Policy) -> dict[str, CompiledWorkload]:
 LabelSet = tuple[tuple[str, str], ...]
 
 
-class _SideIndex:
+class SideIndex:
     """Membership of workloads in one side (consumers or providers) of every instance."""
 
     def __init__(self, instances: tuple[Instance, ...], provider: bool) -> None:
@@ -141,8 +141,8 @@ class Compiler:
         self.resolved = resolve(policy)
         self.settings = policy.settings
         self.workloads: dict[str, Workload] = {}
-        self.cons = _SideIndex(self.resolved.instances, provider=False)
-        self.prov = _SideIndex(self.resolved.instances, provider=True)
+        self.cons = SideIndex(self.resolved.instances, provider=False)
+        self.prov = SideIndex(self.resolved.instances, provider=True)
         self.member_of: dict[str, tuple[set[int], set[int], set[int], set[int]]] = {}
         for w in policy.workloads:
             self._add(w)
@@ -179,7 +179,7 @@ class Compiler:
         for idx in lp:
             self.prov.local[idx].discard(name)
 
-    def _peers(self, index: _SideIndex, idx: int) -> PeerSet:
+    def _peers(self, index: SideIndex, idx: int) -> PeerSet:
         hosts = frozenset(ip for name in index.members[idx] for ip in self.workloads[name].ips)
         return PeerSet(hosts, index.side(self.resolved.instances[idx]).addresses)
 

@@ -106,20 +106,17 @@ class Evaluator:
         self.policy = self.resolved.policy
         self.by_ip: dict[str, Workload] = {ip: w for w in self.policy.workloads for ip in w.ips}
         self.instances = self.resolved.instances
+        from bulkhead.policy.compile import SideIndex
+
+        prov, cons = SideIndex(self.instances, True), SideIndex(self.instances, False)
         self.as_provider: dict[str, frozenset[int]] = {}
         self.as_consumer: dict[str, frozenset[int]] = {}
         for w in self.policy.workloads:
-            self.as_provider[w.name] = self._indexes(w, provider=True)
-            self.as_consumer[w.name] = self._indexes(w, provider=False)
+            self.as_provider[w.name] = frozenset(prov.term_member_of(w))
+            self.as_consumer[w.name] = frozenset(cons.term_member_of(w))
         self.ip_providers = [i for i in self.instances if i.providers.addresses]
         self.ip_consumers = [i for i in self.instances if i.consumers.addresses]
         self.user_consumers = [i for i in self.instances if i.consumers.users]
-
-    def _indexes(self, w: Workload, *, provider: bool) -> frozenset[int]:
-        labels = w.label_dict
-        return frozenset(
-            i.index for i in self.instances
-            if (i.providers if provider else i.consumers).matches_workload(w, labels))
 
     def workload_for(self, ip: str) -> Workload | None:
         w = self.by_ip.get(ip)
@@ -160,6 +157,8 @@ class Evaluator:
         return out
 
     def decide(self, flow: Flow) -> Decision:
+        parse_ip(flow.src_ip)  # a malformed address is an error whatever the policy holds
+        parse_ip(flow.dst_ip)
         src = self.workload_for(flow.src_ip)
         dst = self.workload_for(flow.dst_ip)
         hits = self.matching_sides(flow, src, dst)
