@@ -7,10 +7,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bulkhead.domain.model import Policy, Workload
 from bulkhead.policy.compile import Compiler, compile_naive
 from bulkhead.policy.fileformat import load_policy, loads_policy
+from tests.strategies import policies
 
 SHOP = Path(__file__).resolve().parents[2] / "examples" / "policies" / "shop.yaml"
 
@@ -133,3 +136,59 @@ def test_update_reports_only_affected_workloads() -> None:
     assert changed == {"web-dev"}
     assert {n for n in before if before[n] != compiler.compiled[n]} == changed
     assert compiler.update_workload(replace(w, enforcement="full")) == set()
+
+
+@st.composite
+def _update_plan(draw: st.DrawFn) -> tuple[Policy, list[tuple[str, Workload | str]]]:
+    policy = draw(policies(max_workloads=7, max_rulesets=3, max_rules=4))
+    steps: list[tuple[str, Workload | str]] = []
+    current = {w.name: w for w in policy.workloads}
+    value_pool = {k: sorted({v for w in policy.workloads for kk, v in w.labels if kk == k}
+                            | {"x"}) for k in policy.label_keys}
+    for n in range(draw(st.integers(1, 6))):
+        names = sorted(current)
+        if names and draw(st.booleans()) and len(names) > 1 and draw(st.booleans()):
+            name = draw(st.sampled_from(names))
+            del current[name]
+            steps.append(("remove", name))
+            continue
+        base = current[draw(st.sampled_from(names))] if names and draw(st.booleans()) else (
+            Workload(f"added-{n}", ()))
+        labels = dict(base.labels)
+        key = draw(st.sampled_from(list(policy.label_keys)))
+        if draw(st.booleans()):
+            labels[key] = draw(st.sampled_from(value_pool[key]))
+        else:
+            labels.pop(key, None)
+        used = {ip for w in current.values() if w.name != base.name for ip in w.ips}
+        ips = base.ips
+        if draw(st.booleans()):
+            ips = tuple(ip for ip in (f"10.0.9.{n + 1}", *base.ips[:1]) if ip not in used)
+        w = replace(base, labels=tuple(sorted(labels.items())), ips=ips,
+                    enforcement=draw(st.sampled_from(["full", "visibility"])))
+        current[w.name] = w
+        steps.append(("update", w))
+    return policy, steps
+
+
+@settings(max_examples=120, deadline=None)
+@given(_update_plan())
+def test_property_incremental_equals_naive(plan: tuple[Policy, list[tuple[str, object]]]
+                                           ) -> None:
+    policy, steps = plan
+    compiler = Compiler(policy)
+    assert compiler.compiled == compile_naive(policy)
+    current = {w.name: w for w in policy.workloads}
+    for kind, arg in steps:
+        before = dict(compiler.compiled)
+        if kind == "remove":
+            assert isinstance(arg, str)
+            del current[arg]
+            changed = compiler.remove_workload(arg)
+        else:
+            assert isinstance(arg, Workload)
+            current[arg.name] = arg
+            changed = compiler.update_workload(arg)
+        expected = compile_naive(replace(policy, workloads=tuple(current.values())))
+        assert compiler.compiled == expected
+        assert changed == {n for n in expected if before.get(n) != expected[n]}
