@@ -72,7 +72,8 @@ def read_flows(text: str, source: str = "<flows>") -> FlowTable:
     dst: list[str] = []
     protos: list[int] = []
     ports: list[int] = []
-    opt = {k: ([] if k in col else None) for k in ("process", "unit", "user")}
+    opt: dict[str, list[str | None] | None] = {
+        k: ([] if k in col else None) for k in ("process", "unit", "user")}
     ts: list[float] | None = [] if "ts" in col else None
     counts: list[int] | None = [] if "count" in col else None
     ip_cache: dict[str, str] = {}

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -89,8 +91,17 @@ def create_app(settings: Settings | None = None, db: Database | None = None,
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         db = Database(settings.db_url)
         db.migrate()
+    owns_flows = flows is None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        store = app.state.flows
+        if owns_flows and store is not None and hasattr(store, "close"):
+            store.close()  # moves staged rows into place; nothing is lost without it
+
     app = FastAPI(title="Bulkhead", version=__version__, openapi_url="/api/v1/openapi.json",
-                  docs_url="/api/docs", redoc_url=None)
+                  docs_url="/api/docs", redoc_url=None, lifespan=lifespan)
     app.state.settings = settings
     app.state.db = db
     app.state.flows = flows if flows is not None else _open_flow_store(settings)
@@ -124,6 +135,9 @@ def create_app(settings: Settings | None = None, db: Database | None = None,
         router = getattr(module, "router", None)
         if router is not None:
             app.include_router(router, prefix="/api/v1")
+        root_router = getattr(module, "root_router", None)
+        if root_router is not None:  # e.g. /metrics, where scrapers expect it
+            app.include_router(root_router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(Timing)
     return app

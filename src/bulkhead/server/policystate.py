@@ -49,11 +49,11 @@ class PolicyState:
         with self._lock:
             old = self.compiler.compiled if self.compiler else {}
             self.compiler = Compiler(policy)
-            self.version = version
             changed = {n for n, cw in self.compiler.compiled.items() if old.get(n) != cw}
             changed |= set(old) - set(self.compiler.compiled)
-            if version is not None:
+            if version is not None and version != self.version:
                 changed |= set(self.compiler.compiled)  # the version label moved for all
+            self.version = version
             self._bump(changed)
             return changed
 

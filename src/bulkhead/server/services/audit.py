@@ -10,14 +10,19 @@ from sqlalchemy.orm import Session
 from bulkhead.server.auth import Principal
 from bulkhead.server.models.audit import AuditEntry, Event
 
-SECRET_KEYS = frozenset({"password", "password_hash", "token", "secret", "credential",
-                         "key_hash", "token_hash", "api_key", "pairing_key"})
+SECRET_PARTS = ("password", "token", "secret", "credential", "api_key", "pairing_key",
+                "digest", "authorization", "key_hash")
+
+
+def is_secret_key(key: object) -> bool:
+    k = str(key).lower()
+    return any(part in k for part in SECRET_PARTS)
 
 
 def redact(data: Any) -> Any:
     """A copy with secret-looking fields replaced, for audit before/after images."""
     if isinstance(data, dict):
-        return {k: ("<redacted>" if k in SECRET_KEYS else redact(v)) for k, v in data.items()}
+        return {k: ("<redacted>" if is_secret_key(k) else redact(v)) for k, v in data.items()}
     if isinstance(data, list):
         return [redact(v) for v in data]
     return data

@@ -1,0 +1,930 @@
+"""Flow storage: the `FlowStore` interface and its embedded DuckDB implementation.
+
+Theory of operation
+-------------------
+Flows arrive as Arrow batches of `FLOW_SCHEMA` (see `schema.py`), each with a batch id chosen
+by the sender. `append` checks the batch, then stores its rows *and* its id in one DuckDB
+transaction; an id that is already in the `batches` table makes the append a no-op that
+returns 0, so a retried upload never duplicates (also after a restart: the ids live in the
+same file). Appends use group commit: concurrent callers queue their checked batches and
+whichever holds the write lock writes every queued batch in one transaction (one INSERT, one
+WAL flush), so throughput grows with concurrency while each batch stays all-or-nothing.
+
+Every stored row gets an `id` from a counter that only grows (ids of one batch are
+contiguous). Reads are over a snapshot `id <= as_of`: a query's first page pins `as_of` to
+the current high-water mark and later pages keep it, so pages never shift while flows keep
+arriving. `query` pages through flows in `(ts, id)` order with keyset cursors (opaque,
+bound to the filters that made them): no offset scans, no row cap.
+
+Addresses are also stored as 128-bit numbers (`src_num`/`dst_num`, IPv4 mapped into
+::ffff:0:0/96) so CIDR and range filters are two comparisons. Label filters and label
+grouping join a `workload_labels` table (workload, key, value) that the control plane
+refreshes with `set_workloads`; flows name their workloads, so labels are the workloads'
+*current* labels.
+
+Threads: one root connection; the writer is a cursor of it used only under the write lock;
+each reading thread gets its own cursor (DuckDB runs reads concurrently with the writer);
+`scan` opens a cursor of its own so a streaming export can be consumed from any thread.
+One process per database file (DuckDB holds an exclusive file lock).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import threading
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import duckdb
+import numpy as np
+import pyarrow as pa  # type: ignore[import-untyped]
+
+from bulkhead.domain.addresses import parse_block
+from bulkhead.domain.model import Workload
+from bulkhead.flows.schema import COLUMNS, V4_MAPPED, check_batch
+from bulkhead.policy.evaluate import DECISIONS
+
+SCHEMA_VERSION = "1"
+GROUP_ROWS = 1 << 18  # most rows written in one group commit
+STAGE_ROWS = 100_000  # groups smaller than this are staged (see "Staging" above)
+FLUSH_ROWS = 250_000  # staged rows that wake the flusher (moving them into `flows`)
+BACKLOG_ROWS = 4 * FLUSH_ROWS  # staged rows at which appends help the flusher
+FLUSH_S = 1.0  # the flusher also moves whatever is staged this long after its last move
+MAX_BATCH_ID = 200
+log = logging.getLogger(__name__)
+RECENT_IDS = 100_000  # batch ids remembered in memory, so a retry costs no database work
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+EXTERNAL = "(external)"  # map node of an address that belongs to no workload
+
+# columns `aggregate` can group by, and shorthands
+GROUP_COLUMNS: tuple[str, ...] = (
+    "src_workload", "dst_workload", "src_ip", "dst_ip", "src_port", "proto", "dst_port",
+    "process", "unit", "user", "direction", "reporter", "decision", "rule")
+GROUP_ALIASES: dict[str, tuple[str, ...]] = {
+    "workload": ("src_workload", "dst_workload"),
+    "port": ("proto", "dst_port"),
+}
+METRICS: tuple[str, ...] = ("flows", "connections", "bytes", "first_seen", "last_seen",
+                            "sources")
+
+LabelTerms = tuple[tuple[str, tuple[str, ...]], ...]  # ((key, (value, ...)), ...) ANDed
+PortRanges = tuple[tuple[int, int], ...]
+WorkloadLabels = tuple[str, Mapping[str, str]]
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+# -- filters ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FlowFilter:
+    """Which flows. Every non-empty field must hold (AND); values within a field are ORed.
+
+    `start <= ts < end`; `*_workloads` by name (`workloads`: either end); `*_labels` are
+    selectors over the workloads' current labels; `*_ips` are addresses, CIDRs or `a-b`
+    ranges (`ips`: either end); `ports` are inclusive (lo, hi) ranges of `dst_port`;
+    `as_of` limits to flows stored up to that high-water mark (a snapshot)."""
+
+    start: datetime | None = None
+    end: datetime | None = None
+    src_workloads: tuple[str, ...] = ()
+    dst_workloads: tuple[str, ...] = ()
+    workloads: tuple[str, ...] = ()
+    src_labels: LabelTerms = ()
+    dst_labels: LabelTerms = ()
+    src_ips: tuple[str, ...] = ()
+    dst_ips: tuple[str, ...] = ()
+    ips: tuple[str, ...] = ()
+    protos: tuple[int, ...] = ()
+    ports: PortRanges = ()
+    decisions: tuple[str, ...] = ()
+    processes: tuple[str, ...] = ()
+    units: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
+    reporters: tuple[str, ...] = ()
+    directions: tuple[str, ...] = ()
+    as_of: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("start", "end"):
+            t = getattr(self, name)
+            if t is not None and (not isinstance(t, datetime) or t.tzinfo is None):
+                raise ValueError(f"{name}: needs a timezone-aware datetime")
+        for name in ("src_ips", "dst_ips", "ips"):
+            for text in getattr(self, name):
+                try:
+                    parse_block(text)
+                except ValueError as exc:
+                    raise ValueError(f"{name}: {exc}") from None
+        for p in self.protos:
+            if not 0 <= p <= 255:
+                raise ValueError(f"protos: {p} is not a protocol number (0..255)")
+        for lo, hi in self.ports:
+            if not -1 <= lo <= hi <= 65535:
+                raise ValueError(f"ports: {lo}-{hi} is not a port range (-1..65535)")
+        bad = [d for d in self.decisions if d not in DECISIONS]
+        if bad:
+            raise ValueError(f"decisions: unknown decision {bad[0]!r}")
+        for name in ("src_labels", "dst_labels"):
+            for term in getattr(self, name):
+                if len(term) != 2 or not term[0] or not term[1]:
+                    raise ValueError(f"{name}: expected (key, (value, ...)) terms")
+
+    def fingerprint(self) -> str:
+        """Identifies the filter (without `as_of`) inside cursors."""
+        return hashlib.sha256(repr(replace(self, as_of=None)).encode()).hexdigest()[:16]
+
+
+def _block(text: str) -> tuple[str, str]:
+    family, lo, hi = parse_block(text)
+    if family == 4:
+        lo, hi = lo | V4_MAPPED, hi | V4_MAPPED
+    return str(lo), str(hi)
+
+
+def _in(expr: str, values: Sequence[Any], params: list[Any]) -> str:
+    params.extend(values)
+    return f"{expr} IN ({', '.join('?' * len(values))})"
+
+
+def _where(f: FlowFilter) -> tuple[list[str], list[Any]]:
+    """SQL conditions over `flows f` (and their parameters, in text order)."""
+    conds: list[str] = []
+    params: list[Any] = []
+    if f.start is not None:
+        conds.append("f.ts >= ?")
+        params.append(f.start)
+    if f.end is not None:
+        conds.append("f.ts < ?")
+        params.append(f.end)
+    if f.as_of is not None:
+        conds.append("f.id <= ?")
+        params.append(f.as_of)
+    if f.src_workloads:
+        conds.append(_in("f.src_workload", f.src_workloads, params))
+    if f.dst_workloads:
+        conds.append(_in("f.dst_workload", f.dst_workloads, params))
+    if f.workloads:
+        a = _in("f.src_workload", f.workloads, params)
+        b = _in("f.dst_workload", f.workloads, params)
+        conds.append(f"({a} OR {b})")
+    for col, terms in (("src_workload", f.src_labels), ("dst_workload", f.dst_labels)):
+        for key, values in terms:
+            params.append(key)
+            sub = _in("value", values, params)
+            conds.append(f"f.{col} IN (SELECT workload FROM workload_labels "
+                         f"WHERE key = ? AND {sub})")
+    for cols, blocks in ((("src_num",), f.src_ips), (("dst_num",), f.dst_ips),
+                         (("src_num", "dst_num"), f.ips)):
+        if not blocks:
+            continue
+        ors = []
+        for col in cols:
+            for text in blocks:
+                first, last = _block(text)
+                ors.append(f"f.{col} BETWEEN CAST(? AS UHUGEINT) AND CAST(? AS UHUGEINT)")
+                params.extend((first, last))
+        conds.append("(" + " OR ".join(ors) + ")")
+    if f.protos:
+        conds.append(_in("f.proto", f.protos, params))
+    if f.ports:
+        ors = []
+        for lo, hi in f.ports:
+            ors.append("f.dst_port = ?" if lo == hi else "f.dst_port BETWEEN ? AND ?")
+            params.extend((lo,) if lo == hi else (lo, hi))
+        conds.append("(" + " OR ".join(ors) + ")")
+    for col, values in (("decision", f.decisions), ("process", f.processes),
+                        ("unit", f.units), ('"user"', f.users), ("reporter", f.reporters),
+                        ("direction", f.directions)):
+        if values:
+            conds.append(_in(f"f.{col}", values, params))
+    return conds, params
+
+
+# -- cursors ----------------------------------------------------------------------------------
+
+def encode_cursor(data: dict[str, Any]) -> str:
+    raw = json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(token: str, fingerprint: str, kind: str) -> dict[str, Any]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        data = json.loads(raw)
+        ok = isinstance(data, dict) and data.get("k") == kind
+    except (ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise ValueError("cursor: not a cursor of this kind of query")
+    if data.get("f") != fingerprint:
+        raise ValueError("cursor: made by a query with other filters or order")
+    return data  # type: ignore[no-any-return]
+
+
+def cursor_as_of(token: str) -> int:
+    """The snapshot mark a query cursor carries (the cursor is checked when it is used)."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        return int(json.loads(raw)["as_of"])
+    except (ValueError, TypeError, KeyError):
+        raise ValueError("cursor: not a cursor of this kind of query") from None
+
+
+def _ts_us(t: datetime) -> int:
+    return (t - EPOCH) // timedelta(microseconds=1)
+
+
+def _us_ts(us: int) -> datetime:
+    return EPOCH + timedelta(microseconds=us)
+
+
+# -- the interface ----------------------------------------------------------------------------
+
+@runtime_checkable
+class FlowStore(Protocol):
+    """Where flows live. Implementations: `DuckDBFlowStore` (embedded, one machine); a
+    ClickHouse implementation is planned (docs/design/flow-store.md)."""
+
+    def append(self, table: pa.Table, *, batch_id: str) -> int:
+        """Store a batch at most once: rows stored, or 0 if `batch_id` was stored before."""
+        ...
+
+    def query(self, filters: FlowFilter, *, limit: int = 1000, cursor: str | None = None,
+              newest_first: bool = False) -> tuple[pa.Table, str | None]:
+        """One page of flows (`id` + FLOW_SCHEMA columns) in (ts, id) order, and the cursor
+        of the next page (None at the end)."""
+        ...
+
+    def scan(self, filters: FlowFilter, *, batch_rows: int = 65536,
+             columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """Every matching flow, in (ts, id) order, streamed as record batches."""
+        ...
+
+    def aggregate(self, filters: FlowFilter, group_by: Sequence[str], *,
+                  order_by: str | None = "connections", limit: int | None = None,
+                  offset: int = 0, approx: bool = False) -> pa.Table:
+        """Matching flows grouped: the group columns, then flows, connections, bytes,
+        first_seen, last_seen, sources (distinct source addresses; estimated, about 2%,
+        with `approx`, which is much cheaper over millions of groups)."""
+        ...
+
+    def edges(self, filters: FlowFilter, level: str = "workload", *,
+              limit: int | None = None, approx: bool = False) -> pa.Table:
+        """The map: (src, dst) node pairs at `level` with their traffic."""
+        ...
+
+    def set_workloads(self, rows: Iterable[Workload | WorkloadLabels]) -> bool:
+        """Replace the workload labels used by label filters and grouping."""
+        ...
+
+    def delete_before(self, ts: datetime) -> int:
+        """Retention: drop flows with `ts` before `ts`; returns how many."""
+        ...
+
+    def count(self, filters: FlowFilter | None = None) -> int: ...
+
+    def high_water(self) -> int:
+        """The current snapshot mark (pass as `FlowFilter.as_of` for repeatable reads)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# -- DuckDB -----------------------------------------------------------------------------------
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE IF NOT EXISTS flows (
+    id BIGINT NOT NULL,
+    ts TIMESTAMPTZ NOT NULL,
+    first_seen TIMESTAMPTZ NOT NULL,
+    last_seen TIMESTAMPTZ NOT NULL,
+    src_ip VARCHAR NOT NULL,
+    dst_ip VARCHAR NOT NULL,
+    src_port INTEGER,
+    proto SMALLINT NOT NULL,
+    dst_port INTEGER NOT NULL,
+    process VARCHAR,
+    unit VARCHAR,
+    "user" VARCHAR,
+    direction VARCHAR NOT NULL,
+    reporter VARCHAR NOT NULL,
+    src_workload VARCHAR,
+    dst_workload VARCHAR,
+    connections BIGINT NOT NULL,
+    bytes BIGINT NOT NULL,
+    decision VARCHAR NOT NULL,
+    rule VARCHAR,
+    src_num UHUGEINT NOT NULL,
+    dst_num UHUGEINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id VARCHAR PRIMARY KEY,
+    stored_at TIMESTAMPTZ NOT NULL,
+    rows BIGINT NOT NULL,
+    first_id BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS staged (first_id BIGINT NOT NULL, rows BIGINT NOT NULL,
+                                   data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS workload_labels (workload VARCHAR, key VARCHAR, value VARCHAR);
+"""
+_FLOW_COLS = ", ".join(_q(c) for c in COLUMNS)
+_INSERT = (f"INSERT INTO flows (id, {_FLOW_COLS}, src_num, dst_num) "
+           f"SELECT id, {_FLOW_COLS}, "
+           "(src_hi::UHUGEINT << 64) | src_lo::UHUGEINT, "
+           "(dst_hi::UHUGEINT << 64) | dst_lo::UHUGEINT FROM _batch")
+_SELECT = "f.id, " + ", ".join(f"f.{_q(c)}" for c in COLUMNS)
+
+
+def _ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()  # type: ignore[no-any-return]
+
+
+def _flush_loop(ref: weakref.ref[DuckDBFlowStore], wake: threading.Event) -> None:
+    """The background flusher: moves staged rows when there are `FLUSH_ROWS` of them, or
+    `FLUSH_S` after the last move if any are left; ends with its store."""
+    while True:
+        wake.wait(FLUSH_S)
+        wake.clear()
+        store = ref()
+        if store is None or store._stopping:
+            return
+        if store._staged_rows:
+            try:
+                store._flush()
+            except Exception:  # the rows stay staged (and readable); retried next time
+                log.exception("flow store: moving staged flows failed")
+        del store
+
+
+def _run(con: duckdb.DuckDBPyConnection, sql: str,
+         params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
+    """Run a statement to its end (DuckDB 2 refuses new work while a result is unread)."""
+    return con.execute(sql, params).fetchall()
+
+
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    with contextlib.suppress(duckdb.Error):
+        _run(con, "ROLLBACK")
+
+
+@dataclass(eq=False)
+class _Pending:
+    table: pa.Table  # checked batch + src_hi/src_lo/dst_hi/dst_lo
+    batch_id: str
+    rows: int = 0
+    error: BaseException | None = None
+    done: bool = False
+
+
+@dataclass
+class _Plan:
+    """Label keys a statement needs, pivoted once (`wl` CTE) and joined per side."""
+
+    keys: list[str] = field(default_factory=list)
+    sides: set[str] = field(default_factory=set)
+
+    def column(self, side: str, key: str) -> str:
+        if key not in self.keys:
+            self.keys.append(key)
+        self.sides.add(side)
+        return f"{side[0]}l.k{self.keys.index(key)}"
+
+    def cte(self) -> tuple[str, list[Any]]:
+        if not self.keys:
+            return "", []
+        cols = ", ".join(f"max(value) FILTER (WHERE key = ?) AS k{i}"
+                         for i in range(len(self.keys)))
+        return (f"WITH wl AS (SELECT workload, {cols} FROM workload_labels "
+                "GROUP BY workload) ", list(self.keys))
+
+    def joins(self) -> str:
+        out = ""
+        if "src" in self.sides:
+            out += " LEFT JOIN wl sl ON sl.workload = f.src_workload"
+        if "dst" in self.sides:
+            out += " LEFT JOIN wl dl ON dl.workload = f.dst_workload"
+        return out
+
+
+def _distinct(expr: str, approx: bool) -> str:
+    return f"approx_count_distinct({expr})" if approx else f"count(DISTINCT {expr})"
+
+
+def _group_terms(group_by: Sequence[str], plan: _Plan) -> list[tuple[str, str]]:
+    """(SQL expression, output column name) per group term; raises ValueError on unknown."""
+    out: list[tuple[str, str]] = []
+    for g in group_by:
+        names = GROUP_ALIASES.get(g, (g,))
+        for name in names:
+            side, dot, key = name.partition(".")
+            if dot and side in ("src", "dst") and key:
+                out.append((plan.column(side, key), name))
+            elif name in GROUP_COLUMNS:
+                out.append((f"f.{_q(name)}", name))
+            else:
+                raise ValueError(f"group_by: unknown term {name!r} (columns: "
+                                 f"{', '.join(GROUP_COLUMNS)}; src.KEY / dst.KEY for labels; "
+                                 f"shorthands: {', '.join(GROUP_ALIASES)})")
+    names_seen = [n for _, n in out]
+    dup = {n for n in names_seen if names_seen.count(n) > 1}
+    if dup:
+        raise ValueError(f"group_by: {sorted(dup)[0]!r} given twice")
+    return out
+
+
+class DuckDBFlowStore:
+    """`FlowStore` in one DuckDB file (or `":memory:"`)."""
+
+    def __init__(self, path: str | Path, *, checkpoint_wal: str = "256MB") -> None:
+        """`checkpoint_wal`: WAL size that triggers a checkpoint. Small appends go through the
+        WAL; checkpointing rarely compresses whole row groups once instead of re-compressing
+        the last partial one each time (about a third less CPU per appended row than DuckDB's
+        16MB default), at the price of a longer WAL replay after a crash."""
+        if not re.fullmatch(r"\d+(KB|MB|GB)", checkpoint_wal):
+            raise ValueError(f"checkpoint_wal: a size such as 256MB, not {checkpoint_wal!r}")
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._root = duckdb.connect(self.path)
+        except duckdb.IOException as exc:
+            raise RuntimeError(f"cannot open the flow store {self.path}: {exc} (one process "
+                               "per database file)") from exc
+        self._write_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._cursor_lock = threading.Lock()
+        self._queue: list[_Pending] = []
+        self._local = threading.local()
+        self._cursors: list[duckdb.DuckDBPyConnection] = []
+        self._closed = False
+        self._labels_fingerprint: str | None = None
+        self._recent: dict[str, None] = {}  # batch ids stored lately (insertion order)
+        self._writer = self._new_cursor()
+        self._mover = self._new_cursor()  # the flusher's connection
+        self._flush_lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        w = self._writer
+        _run(w, f"SET checkpoint_threshold = '{checkpoint_wal}'")
+        _run(w, _DDL)
+        version = _run(w, "SELECT value FROM meta WHERE key = 'schema_version'")
+        if not version:
+            _run(w, "INSERT INTO meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
+        elif version[0][0] != SCHEMA_VERSION:
+            raise RuntimeError(f"flow store {self.path} has schema version {version[0][0]}, "
+                               f"this code reads {SCHEMA_VERSION}")
+        self._staged_rows = int(_run(w, "SELECT coalesce(sum(rows), 0) FROM staged")[0][0])
+        self._last_id = int(_run(w, "SELECT greatest((SELECT coalesce(max(id), 0) FROM flows), "
+                                    "(SELECT coalesce(max(first_id + rows - 1), 0) "
+                                    "FROM batches))")[0][0])
+        # the flusher holds the store weakly: an unclosed, forgotten store is still collected
+        self._flusher = threading.Thread(target=_flush_loop, args=(weakref.ref(self), self._wake),
+                                         daemon=True,
+                                         name=f"flowstore-flush:{Path(self.path).name}")
+        self._flusher.start()
+        weakref.finalize(self, self._wake.set)
+
+    # -- connections ----------------------------------------------------------------------------
+    def _new_cursor(self) -> duckdb.DuckDBPyConnection:
+        with self._cursor_lock:
+            if self._closed:
+                raise RuntimeError("flow store is closed")
+            cur = self._root.cursor()
+            _run(cur, "SET TimeZone = 'UTC'")
+            self._cursors.append(cur)
+            return cur
+
+    def _drop_cursor(self, cur: duckdb.DuckDBPyConnection) -> None:
+        with self._cursor_lock:
+            if cur in self._cursors:
+                self._cursors.remove(cur)
+                cur.close()
+
+    def _cur(self) -> duckdb.DuckDBPyConnection:
+        if self._closed:
+            raise RuntimeError("flow store is closed")
+        cur: duckdb.DuckDBPyConnection | None = getattr(self._local, "cur", None)
+        if cur is None:
+            cur = self._local.cur = self._new_cursor()
+        return cur
+
+    def close(self) -> None:
+        with self._write_lock:
+            if self._closed:
+                return
+            self._stopping = True
+        self._wake.set()
+        if self._flusher.is_alive() and self._flusher is not threading.current_thread():
+            self._flusher.join()
+        with self._write_lock, self._flush_lock, self._cursor_lock:
+            if self._closed:
+                return
+            with contextlib.suppress(duckdb.Error):  # staged rows are safe either way
+                self._flush_locked()
+            self._closed = True
+            for cur in self._cursors:
+                with contextlib.suppress(duckdb.Error):
+                    cur.close()
+            self._cursors.clear()
+            self._root.close()
+
+    def __enter__(self) -> DuckDBFlowStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writing ----------------------------------------------------------------------------
+    def append(self, table: pa.Table, *, batch_id: str) -> int:
+        if not isinstance(batch_id, str) or not batch_id.strip() or \
+                len(batch_id) > MAX_BATCH_ID:
+            raise ValueError(f"batch_id: a non-empty string of at most {MAX_BATCH_ID} "
+                             "characters is required")
+        checked = check_batch(table)  # first: a bad batch is an error, stored id or not
+        if batch_id in self._recent:  # a retry of a batch stored lately: no database work
+            return 0
+        t = checked.table
+        prepared = t.append_column("src_hi", pa.array(checked.src_hi)) \
+            .append_column("src_lo", pa.array(checked.src_lo)) \
+            .append_column("dst_hi", pa.array(checked.dst_hi)) \
+            .append_column("dst_lo", pa.array(checked.dst_lo))
+        req = _Pending(prepared, batch_id)
+        with self._queue_lock:
+            self._queue.append(req)
+        with self._write_lock:
+            while not req.done:
+                if self._closed:
+                    raise RuntimeError("flow store is closed")
+                group = self._take_group()
+                if not group:  # cannot happen: `req` is queued until a writer takes it
+                    raise RuntimeError("flow store: lost a queued batch")
+                self._write_group(group)
+        staged = self._staged_rows
+        if staged >= FLUSH_ROWS:
+            self._wake.set()
+            if staged >= BACKLOG_ROWS:  # the flusher is behind: help it (back-pressure)
+                self._flush()
+        if req.error is not None:
+            raise req.error
+        return req.rows
+
+    def _take_group(self) -> list[_Pending]:
+        """Every queued batch (up to `GROUP_ROWS` rows): batches queued while the previous
+        group was being written share the next transaction."""
+        with self._queue_lock:
+            rows = 0
+            k = 0
+            while k < len(self._queue) and (k == 0 or rows + self._queue[k].table.num_rows
+                                            <= GROUP_ROWS):
+                rows += self._queue[k].table.num_rows
+                k += 1
+            group, self._queue = self._queue[:k], self._queue[k:]
+            return group
+
+    def _write_group(self, group: list[_Pending]) -> None:
+        try:
+            self._write(group)
+        except Exception as exc:
+            if len(group) == 1:
+                group[0].error = exc
+                group[0].done = True
+                return
+            for req in group:  # isolate the failure: each batch on its own
+                self._write_group([req])
+
+    def _write(self, group: list[_Pending]) -> None:
+        """One transaction: claim the batch ids (those already stored are skipped by the
+        primary key), then insert the rows of the batches whose ids were claimed."""
+        con = self._writer
+        first: dict[str, int] = {}  # batch id -> its first row id (gaps where ids repeat)
+        unique: list[_Pending] = []
+        next_id = self._last_id + 1
+        for req in group:
+            if req.batch_id not in first:
+                first[req.batch_id] = next_id
+                next_id += req.table.num_rows
+                unique.append(req)
+        now = datetime.now(UTC)
+        values: list[Any] = []
+        for req in unique:
+            values.extend((req.batch_id, now, req.table.num_rows, first[req.batch_id]))
+        _run(con, "BEGIN TRANSACTION")
+        try:
+            claimed = {r[0] for r in _run(
+                con, "INSERT INTO batches VALUES " + ", ".join(["(?, ?, ?, ?)"] * len(unique))
+                + " ON CONFLICT DO NOTHING RETURNING batch_id", values)}
+            fresh = [r for r in unique if r.batch_id in claimed]
+            parts = []
+            for req in fresh:
+                n = req.table.num_rows
+                if n:
+                    start = first[req.batch_id]
+                    parts.append(req.table.add_column(0, "id", pa.array(
+                        np.arange(start, start + n, dtype=np.int64))))
+            staged = 0
+            if sum(p.num_rows for p in parts) >= STAGE_ROWS:
+                self._insert(pa.concat_tables(parts))
+            elif parts:
+                blobs: list[Any] = []
+                for part in parts:
+                    blobs.extend((part.column("id")[0].as_py(), part.num_rows, _ipc(part)))
+                    staged += part.num_rows
+                _run(con, "INSERT INTO staged VALUES "
+                     + ", ".join(["(?, ?, ?)"] * len(parts)), blobs)
+            _run(con, "COMMIT")
+        except BaseException:
+            _rollback(con)
+            raise
+        with self._count_lock:
+            self._staged_rows += staged  # (before _last_id: see _visible)
+        for req in fresh:  # ids of skipped (duplicate) batches are not used
+            self._last_id = max(self._last_id, first[req.batch_id] + req.table.num_rows - 1)
+        for bid in claimed:
+            self._recent[bid] = None
+        while len(self._recent) > RECENT_IDS:
+            self._recent.pop(next(iter(self._recent)))
+        stored_now = {id(r) for r in fresh}
+        for req in group:
+            req.rows = req.table.num_rows if id(req) in stored_now else 0
+            req.done = True
+
+    def _insert(self, data: pa.Table, con: duckdb.DuckDBPyConnection | None = None) -> None:
+        """Rows (with `id`) into `flows`, inside `con`'s (the writer's) open transaction."""
+        con = con or self._writer
+        con.register("_batch", data)
+        try:
+            _run(con, _INSERT)
+        finally:  # (fails in an aborted transaction; the next register replaces)
+            with contextlib.suppress(duckdb.Error):
+                con.unregister("_batch")
+
+    def _flush(self) -> None:
+        with self._flush_lock:
+            if self._closed:
+                raise RuntimeError("flow store is closed")
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        """Move staged batches into `flows`, `FLUSH_ROWS` or so at a time, each move one
+        transaction (insert the rows, delete their staged copy). Runs on its own cursor under
+        the flush lock, concurrently with appends: they only add staged rows with larger
+        first ids, and never touch the rows a move deletes."""
+        con = self._mover
+        while self._staged_rows > 0:
+            meta = _run(con, "SELECT first_id, rows FROM staged ORDER BY first_id")
+            if not meta:
+                with self._count_lock:
+                    self._staged_rows = 0
+                return
+            total = 0
+            last = meta[0][0]
+            for fid, n in meta:
+                if total and total + n > FLUSH_ROWS:
+                    break
+                total += int(n)
+                last = fid
+            lo = meta[0][0]
+            blobs = _run(con, "SELECT data FROM staged WHERE first_id BETWEEN ? AND ? "
+                              "ORDER BY first_id", [lo, last])
+            data = pa.concat_tables([pa.ipc.open_stream(b[0]).read_all() for b in blobs])
+            _run(con, "BEGIN TRANSACTION")
+            try:
+                self._insert(data, con)
+                _run(con, "DELETE FROM staged WHERE first_id BETWEEN ? AND ?", [lo, last])
+                _run(con, "COMMIT")
+            except BaseException:
+                _rollback(con)
+                raise
+            with self._count_lock:
+                self._staged_rows = max(0, self._staged_rows - total)
+
+    def _visible(self) -> None:
+        """Before a read: every committed flow is in `flows`. Callers take their snapshot
+        mark (`high_water`) first; a batch committed after that may stay staged."""
+        if self._staged_rows:
+            self._flush()
+
+    def set_workloads(self, rows: Iterable[Workload | WorkloadLabels]) -> bool:
+        """Replace the label table; False (and nothing written) if the labels are unchanged."""
+        triples: list[tuple[str, str, str]] = []
+        for row in rows:
+            if isinstance(row, Workload):
+                triples.extend((row.name, k, v) for k, v in row.labels)
+            else:
+                name, labels = row
+                triples.extend((name, k, v) for k, v in labels.items())
+        triples.sort()
+        fp = hashlib.sha256(repr(triples).encode()).hexdigest()
+        if fp == self._labels_fingerprint:
+            return False
+        data = pa.table({"workload": [t[0] for t in triples], "key": [t[1] for t in triples],
+                         "value": [t[2] for t in triples]},
+                        schema=pa.schema([("workload", pa.string()), ("key", pa.string()),
+                                          ("value", pa.string())]))
+        with self._write_lock:
+            con = self._writer
+            _run(con, "BEGIN TRANSACTION")
+            try:
+                _run(con, "DELETE FROM workload_labels")
+                con.register("_labels", data)
+                try:
+                    _run(con, "INSERT INTO workload_labels SELECT * FROM _labels")
+                finally:
+                    with contextlib.suppress(duckdb.Error):
+                        con.unregister("_labels")
+                _run(con, "COMMIT")
+            except BaseException:
+                _rollback(con)
+                raise
+            self._labels_fingerprint = fp
+        return True
+
+    def delete_before(self, ts: datetime) -> int:
+        """Drop flows with `ts` before `ts`, and batch ids first stored before it (a retry
+        that late would be re-stored; agents retry within minutes)."""
+        if ts.tzinfo is None:
+            raise ValueError("delete_before: needs a timezone-aware datetime")
+        with self._write_lock, self._flush_lock:
+            self._flush_locked()
+            con = self._writer
+            _run(con, "BEGIN TRANSACTION")
+            try:
+                deleted = int(_run(con, "DELETE FROM flows WHERE ts < ?", [ts])[0][0])
+                _run(con, "DELETE FROM batches WHERE stored_at < ?", [ts])
+                _run(con, "COMMIT")
+                self._recent.clear()
+            except BaseException:
+                _rollback(con)
+                raise
+        # hand freed row groups back to the file, without holding up appends; fails while
+        # another transaction runs, and DuckDB then checkpoints later by itself
+        cur = self._new_cursor()
+        try:
+            with contextlib.suppress(duckdb.Error):
+                _run(cur, "CHECKPOINT")
+        finally:
+            self._drop_cursor(cur)
+        return deleted
+
+    # -- reading ----------------------------------------------------------------------------
+    def high_water(self) -> int:
+        return self._last_id
+
+    def count(self, filters: FlowFilter | None = None) -> int:
+        self._visible()
+        conds, params = _where(filters or FlowFilter())
+        where = f" WHERE {' AND '.join(conds)}" if conds else ""
+        return int(_run(self._cur(), f"SELECT count(*) FROM flows f{where}", params)[0][0])
+
+    def stored_batch(self, batch_id: str) -> tuple[datetime, int, int] | None:
+        """(stored_at, rows, first id) of a stored batch id, else None."""
+        rows = _run(self._cur(), "SELECT epoch_us(stored_at), rows, first_id FROM batches "
+                                 "WHERE batch_id = ?", [batch_id])
+        return (_us_ts(rows[0][0]), int(rows[0][1]), int(rows[0][2])) if rows else None
+
+    def query(self, filters: FlowFilter, *, limit: int = 1000, cursor: str | None = None,
+              newest_first: bool = False) -> tuple[pa.Table, str | None]:
+        if limit < 1:
+            raise ValueError("limit: must be at least 1")
+        fp = filters.fingerprint() + ("d" if newest_first else "a")
+        after: tuple[int, int] | None = None
+        if cursor:
+            state = decode_cursor(cursor, fp, "q")
+            filters = replace(filters, as_of=int(state["as_of"]))
+            after = (int(state["ts"]), int(state["id"]))
+        elif filters.as_of is None:
+            filters = replace(filters, as_of=self.high_water())
+        self._visible()
+        conds, params = _where(filters)
+        op, order = ("<", "DESC") if newest_first else (">", "ASC")
+        if after is not None:
+            t = _us_ts(after[0])
+            conds.append(f"(f.ts {op} ? OR (f.ts = ? AND f.id {op} ?))")
+            params.extend((t, t, after[1]))
+        where = f" WHERE {' AND '.join(conds)}" if conds else ""
+        sql = (f"SELECT {_SELECT} FROM flows f{where} "
+               f"ORDER BY f.ts {order}, f.id {order} LIMIT {int(limit) + 1}")
+        table = self._cur().sql(sql, params=params).to_arrow_table()
+        if table.num_rows <= limit:
+            return table, None
+        table = table.slice(0, limit)
+        last_ts = table.column("ts")[limit - 1].value  # microseconds since the epoch
+        last_id = table.column("id")[limit - 1].as_py()
+        token = encode_cursor({"k": "q", "f": fp, "as_of": filters.as_of, "ts": last_ts,
+                                "id": last_id})
+        return table, token
+
+    def scan(self, filters: FlowFilter, *, batch_rows: int = 65536,
+             columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+        cols = list(columns) if columns is not None else ["id", *COLUMNS]
+        unknown = [c for c in cols if c != "id" and c not in COLUMNS]
+        if unknown:
+            raise ValueError(f"columns: unknown column {unknown[0]!r}")
+        if filters.as_of is None:
+            filters = replace(filters, as_of=self.high_water())
+        self._visible()
+        conds, params = _where(filters)
+        where = f" WHERE {' AND '.join(conds)}" if conds else ""
+        select = ", ".join(f"f.{_q(c)}" for c in cols)
+        sql = f"SELECT {select} FROM flows f{where} ORDER BY f.ts, f.id"
+        return self._stream(sql, params, batch_rows)
+
+    def _stream(self, sql: str, params: list[Any], batch_rows: int) -> Iterator[pa.RecordBatch]:
+        cur = self._new_cursor()
+        try:
+            reader = cur.sql(sql, params=params).to_arrow_reader(batch_rows)
+            yield from reader
+        finally:
+            self._drop_cursor(cur)
+
+    def aggregate(self, filters: FlowFilter, group_by: Sequence[str], *,
+                  order_by: str | None = "connections", limit: int | None = None,
+                  offset: int = 0, approx: bool = False) -> pa.Table:
+        self._visible()
+        plan = _Plan()
+        terms = _group_terms(group_by, plan)
+        names = [n for _, n in terms]
+        if order_by is not None and order_by not in METRICS and order_by not in names:
+            raise ValueError(f"order_by: {order_by!r} is neither a metric "
+                             f"({', '.join(METRICS)}) nor a group column")
+        if (limit is not None and limit < 0) or offset < 0:
+            raise ValueError("limit/offset: must not be negative")
+        conds, params = _where(filters)
+        cte, cte_params = plan.cte()
+        select = [f"{expr} AS {_q(name)}" for expr, name in terms]
+        select += ["count(*) AS flows", "sum(f.connections)::BIGINT AS connections",
+                   "sum(f.bytes)::BIGINT AS bytes", "min(f.first_seen) AS first_seen",
+                   "max(f.last_seen) AS last_seen", _distinct("f.src_ip", approx) + " AS sources"]
+        where = f" WHERE {' AND '.join(conds)}" if conds else ""
+        group = (" GROUP BY " + ", ".join(str(i + 1) for i in range(len(terms)))) \
+            if terms else ""
+        sql = f"{cte}SELECT {', '.join(select)} FROM flows f{plan.joins()}{where}{group}"
+        if order_by is not None:
+            keys = [f"{_q(order_by)} {'DESC' if order_by in METRICS else 'ASC'} NULLS FIRST"]
+            keys += [f"{_q(n)} ASC NULLS FIRST" for n in names if n != order_by]
+            sql += " ORDER BY " + ", ".join(keys)
+        if limit is not None:
+            sql += f" LIMIT {int(limit)} OFFSET {int(offset)}"
+        elif offset:
+            sql += f" OFFSET {int(offset)}"
+        return self._cur().sql(sql, params=cte_params + params).to_arrow_table()
+
+    def edges(self, filters: FlowFilter, level: str = "workload", *,
+              limit: int | None = None, approx: bool = False) -> pa.Table:
+        """`level`: `workload` (unresolved ends are one `(external)` node), `ip`, or label
+        keys such as `app` or `app,env` (node `app=shop,env=prod`; `(external)` likewise)."""
+        self._visible()
+        plan = _Plan()
+        node_params: list[Any] = []
+        if level == "workload":
+            nodes = [f"coalesce(f.{side}_workload, '{EXTERNAL}')" for side in ("src", "dst")]
+        elif level == "ip":
+            nodes = ["f.src_ip", "f.dst_ip"]
+        else:
+            keys = [k.strip() for k in level.split(",") if k.strip()]
+            if not keys:
+                raise ValueError("level: workload, ip, or label keys (e.g. app,env)")
+            nodes = []
+            for side in ("src", "dst"):
+                parts = []
+                for key in keys:
+                    parts.append(f"(? || coalesce({plan.column(side, key)}, ''))")
+                    node_params.append(f"{key}=")
+                nodes.append(f"CASE WHEN f.{side}_workload IS NULL THEN '{EXTERNAL}' "
+                             f"ELSE concat_ws(',', {', '.join(parts)}) END")
+        conds, params = _where(filters)
+        cte, cte_params = plan.cte()
+        where = f" WHERE {' AND '.join(conds)}" if conds else ""
+        sql = (f"{cte}SELECT {nodes[0]} AS src, {nodes[1]} AS dst, count(*) AS flows, "
+               "sum(f.connections)::BIGINT AS connections, sum(f.bytes)::BIGINT AS bytes, "
+               "min(f.first_seen) AS first_seen, max(f.last_seen) AS last_seen, "
+               f"{_distinct('f.proto::INTEGER * 100000 + f.dst_port + 1', approx)} AS services, "
+               "coalesce(sum(f.connections) FILTER (WHERE f.decision LIKE 'allowed%'), 0)"
+               "::BIGINT AS allowed, "
+               "coalesce(sum(f.connections) FILTER (WHERE f.decision LIKE 'potentially%'), 0)"
+               "::BIGINT AS potentially_blocked, "
+               "coalesce(sum(f.connections) FILTER (WHERE f.decision LIKE 'blocked%'), 0)"
+               "::BIGINT AS blocked "
+               f"FROM flows f{plan.joins()}{where} GROUP BY 1, 2 "
+               "ORDER BY connections DESC, src, dst")
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        # node expressions come before the WHERE clause in the text, twice (src, dst)
+        return self._cur().sql(sql, params=cte_params + node_params + params).to_arrow_table()

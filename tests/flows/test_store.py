@@ -1,0 +1,524 @@
+"""The flow schema check and the DuckDB flow store: idempotent, atomic appends (also across
+restarts and threads), filters and keyset pages against a Python reference, aggregation,
+edges and retention."""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from bulkhead.flows import store as store_mod
+from bulkhead.flows.schema import FLOW_SCHEMA, FlowBatchError, validate_batch
+from bulkhead.flows.store import DuckDBFlowStore, FlowFilter, FlowStore
+from tests.flows import T0, label_rows, make_batch
+
+Row = dict[str, Any]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[DuckDBFlowStore]:
+    s = DuckDBFlowStore(tmp_path / "flows.duckdb")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DuckDBFlowStore,
+                                                                       list[Row]]]:
+    """A store with 6,000 flows in 3 batches and the workload labels, plus the rows."""
+    s = DuckDBFlowStore(tmp_path_factory.mktemp("loaded") / "flows.duckdb")
+    tables = [make_batch(2000, seed=i, start=T0 + timedelta(hours=6 * i)) for i in range(3)]
+    for i, t in enumerate(tables):
+        assert s.append(t, batch_id=f"b{i}") == 2000
+    s.set_workloads(label_rows())
+    rows = [r for t in tables for r in validate_batch(t).to_pylist()]
+    try:
+        yield s, rows
+    finally:
+        s.close()
+
+
+def test_the_duckdb_store_implements_the_interface(store: DuckDBFlowStore) -> None:
+    assert isinstance(store, FlowStore)
+
+
+# -- the schema check ---------------------------------------------------------------------
+
+def test_a_batch_is_normalised_to_exactly_the_flow_schema() -> None:
+    t = make_batch(10).drop_columns(["first_seen", "last_seen", "src_port", "unit", "rule"])
+    t = t.set_column(t.schema.get_field_index("proto"), "proto",
+                     pa.array(t.column("proto").to_numpy().astype(np.int64)))
+    out = validate_batch(t)
+    assert out.schema.equals(FLOW_SCHEMA)
+    assert out.column("first_seen").equals(out.column("ts"))
+    assert out.column("src_port").null_count == 10
+    assert validate_batch(out) is out  # a checked batch passes at once
+
+
+def _with(t: pa.Table, name: str, values: Any) -> pa.Table:
+    arr = values if isinstance(values, pa.Array) else pa.array(values)
+    i = t.schema.get_field_index(name)
+    return t.set_column(i, name, arr) if i >= 0 else t.append_column(name, arr)
+
+
+def _put(t: pa.Table, name: str, row: int, value: Any) -> pa.Table:
+    values = t.column(name).to_pylist()
+    values[row] = value
+    return _with(t, name, pa.array(values, t.schema.field(name).type))
+
+
+BAD_CELLS = [
+    ("dst_port", 3, 70000, "out of range"),
+    ("proto", 5, 300, "out of range"),
+    ("src_port", 2, -1, "out of range"),
+    ("connections", 7, -5, "out of range"),
+    ("src_ip", 4, "10.0.0.256", "not an IP address"),
+    ("dst_ip", 6, "2001:DB8::11", "not canonical"),
+    ("src_ip", 1, None, "null"),
+    ("decision", 8, "dropped", "not one of"),
+    ("direction", 9, "sideways", "not one of"),
+    ("reporter", 2, None, "null"),
+    ("reporter", 3, "", "empty"),
+]
+
+
+@pytest.mark.parametrize(("column", "row", "value", "message"), BAD_CELLS)
+def test_a_bad_cell_is_named_by_column_and_row(column: str, row: int, value: Any,
+                                               message: str) -> None:
+    t = make_batch(12, seed=1)
+    if column in ("proto",):
+        t = _with(t, column, pa.array(t.column(column).to_numpy().astype(np.int64)))
+    t = _put(t, column, row, value)
+    with pytest.raises(FlowBatchError) as info:
+        validate_batch(t)
+    issue = info.value.issues[0]
+    assert (issue.column, issue.row) == (column, row)
+    assert message in issue.message
+    assert f"row {row}, column '{column}'" in str(info.value)
+
+
+def test_last_seen_before_first_seen_is_named() -> None:
+    t = make_batch(5)
+    ls = t.column("last_seen").to_pylist()
+    ls[3] = t.column("first_seen")[3].as_py() - timedelta(seconds=1)
+    with pytest.raises(FlowBatchError) as info:
+        validate_batch(_with(t, "last_seen", pa.array(ls, FLOW_SCHEMA.field("ts").type)))
+    assert (info.value.issues[0].column, info.value.issues[0].row) == ("last_seen", 3)
+
+
+@pytest.mark.parametrize(("change", "column", "message"), [
+    (lambda t: t.drop_columns(["decision"]), "decision", "missing"),
+    (lambda t: t.append_column("colour", pa.array(["red"] * t.num_rows)), "colour", "unknown"),
+    (lambda t: _with(t, "ts", t.column("ts").cast(pa.timestamp("us"))), "ts", "time zone"),
+    (lambda t: _with(t, "dst_port", pa.array(["80"] * t.num_rows)), "dst_port", "integer"),
+    (lambda t: _with(t, "process", pa.array([1] * t.num_rows)), "process", "string"),
+])
+def test_a_bad_column_is_named(change: Callable[[pa.Table], pa.Table], column: str,
+                               message: str) -> None:
+    with pytest.raises(FlowBatchError) as info:
+        validate_batch(change(make_batch(4)))
+    assert info.value.issues[0].column == column
+    assert info.value.issues[0].row is None
+    assert message in info.value.issues[0].message
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    t = _put(_put(make_batch(6), "dst_port", 2, 99999), "decision", 4, "nope")
+    with pytest.raises(FlowBatchError) as info:
+        validate_batch(t)
+    assert {(i.column, i.row) for i in info.value.issues} == {("dst_port", 2), ("decision", 4)}
+
+
+# -- appending ----------------------------------------------------------------------------
+
+def test_the_same_batch_id_is_stored_once(store: DuckDBFlowStore) -> None:
+    t = make_batch(300)
+    assert store.append(t, batch_id="a") == 300
+    assert store.append(t, batch_id="a") == 0
+    assert store.append(make_batch(50, seed=9), batch_id="a") == 0  # the id decides
+    with pytest.raises(FlowBatchError):  # a bad batch is refused, whatever its id
+        store.append(_put(make_batch(5), "proto", 1, None), batch_id="a")
+    assert store.count() == 300
+    assert store.append(t, batch_id="b") == 300
+    assert store.count() == 600
+
+
+def test_an_empty_batch_still_claims_its_id(store: DuckDBFlowStore) -> None:
+    assert store.append(make_batch(0), batch_id="empty") == 0
+    assert store.stored_batch("empty") is not None
+    assert store.append(make_batch(5), batch_id="empty") == 0
+
+
+def test_a_stored_batch_id_survives_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "f.duckdb"
+    with DuckDBFlowStore(path) as s:
+        assert s.append(make_batch(100), batch_id="x") == 100
+        mark = s.high_water()
+    with DuckDBFlowStore(path) as s:
+        assert s.append(make_batch(100), batch_id="x") == 0
+        assert s.count() == 100
+        assert s.append(make_batch(10, seed=3), batch_id="y") == 10
+        ids = s.query(FlowFilter(), limit=1000)[0].column("id").to_pylist()
+    assert len(set(ids)) == 110 and min(ids) == 1 and max(ids) == mark + 10
+
+
+def test_an_invalid_batch_stores_nothing_and_keeps_its_id_free(store: DuckDBFlowStore) -> None:
+    bad = _put(make_batch(20), "dst_port", 7, 123456)
+    with pytest.raises(FlowBatchError):
+        store.append(bad, batch_id="r")
+    assert store.count() == 0 and store.stored_batch("r") is None
+    assert store.append(make_batch(20), batch_id="r") == 20
+
+
+@pytest.mark.parametrize("path", ["staged", "direct"])
+def test_rows_and_batch_id_commit_together(store: DuckDBFlowStore,
+                                           monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """A failure after the id is claimed but before the rows are in rolls both back."""
+    if path == "direct":
+        monkeypatch.setattr(store_mod, "STAGE_ROWS", 1)
+        monkeypatch.setattr(store_mod, "_INSERT", "INSERT INTO flows SELECT * FROM no_table")
+    else:
+        monkeypatch.setattr(store_mod, "_ipc", lambda _t: 1 / 0)
+    with pytest.raises(Exception, match=r"no_table|division"):
+        store.append(make_batch(30), batch_id="t")
+    monkeypatch.undo()
+    assert store.stored_batch("t") is None and store.count() == 0
+    assert store.append(make_batch(30), batch_id="t") == 30
+    assert store.count() == 30
+
+
+def test_small_batches_are_staged_then_moved_in_order(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "FLUSH_ROWS", 1000)
+    monkeypatch.setattr(store_mod, "FLUSH_S", 60.0)
+    with DuckDBFlowStore(tmp_path / "s.duckdb") as s:
+        s.append(make_batch(300), batch_id="s0")
+        assert s._staged_rows == 300  # committed, not yet in `flows`
+        for i in range(1, 6):
+            s.append(make_batch(300, seed=i), batch_id=f"s{i}")
+        deadline = time.monotonic() + 10
+        while s._staged_rows >= 1000 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the flusher was woken at 1,000 staged rows
+        assert s._staged_rows < 1000
+        s.append(make_batch(300, seed=9), batch_id="s9")
+        page, _ = s.query(FlowFilter(), limit=10_000)  # a read moves the rest first
+        assert s._staged_rows == 0
+        assert sorted(page.column("id").to_pylist()) == list(range(1, 2101))
+
+
+def test_staged_flows_survive_a_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "FLUSH_S", 60.0)
+    path = tmp_path / "s.duckdb"
+    s = DuckDBFlowStore(path)
+    s.append(make_batch(400), batch_id="a")
+    assert s._staged_rows == 400
+    monkeypatch.setattr(s, "_flush_locked", lambda: None)  # as if the process died first
+    s.close()
+    with DuckDBFlowStore(path) as s2:
+        assert s2._staged_rows == 400
+        assert s2.count() == 400
+        assert s2.append(make_batch(400), batch_id="a") == 0
+        assert s2.append(make_batch(5, seed=2), batch_id="b") == 5
+        assert s2.query(FlowFilter(), limit=1000)[0].column("id").to_pylist()[-1] <= 405
+
+
+def test_a_failed_move_keeps_the_staged_flows(store: DuckDBFlowStore,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    store.append(make_batch(100), batch_id="a")
+    monkeypatch.setattr(store_mod, "_INSERT", "INSERT INTO flows SELECT * FROM no_table")
+    with pytest.raises(Exception, match="no_table"):
+        store.count()
+    monkeypatch.undo()
+    assert store.count() == 100
+
+
+def test_concurrent_appends_store_each_batch_once(store: DuckDBFlowStore) -> None:
+    batches = {f"c{i}": make_batch(200, seed=i) for i in range(24)}
+    stored: list[int] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(6)
+
+    def worker(k: int) -> None:
+        barrier.wait()
+        # every batch id is sent by two threads, in different orders
+        names = sorted(batches)[k % 3::3]
+        for name in (names if k < 3 else reversed(names)):
+            n = store.append(batches[name], batch_id=name)
+            with lock:
+                stored.append(n)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert sorted(stored) == [0] * 24 + [200] * 24
+    assert store.count() == 24 * 200
+    ids = store.aggregate(FlowFilter(), [], order_by=None)
+    assert ids.column("flows")[0].as_py() == 4800
+    page, _ = store.query(FlowFilter(), limit=10_000)
+    assert len(set(page.column("id").to_pylist())) == 4800
+
+
+def test_reads_run_in_other_threads_while_appending(store: DuckDBFlowStore) -> None:
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        try:
+            while not done.is_set():
+                n = store.count()
+                assert n % 100 == 0
+                store.query(FlowFilter(ports=((443, 443),)), limit=50)
+        except BaseException as exc:
+            errors.append(exc)
+
+    readers = [threading.Thread(target=reader) for _ in range(3)]
+    for th in readers:
+        th.start()
+    for i in range(15):
+        store.append(make_batch(100, seed=i), batch_id=f"r{i}")
+    done.set()
+    for th in readers:
+        th.join()
+    assert not errors
+    assert store.count() == 1500
+
+
+def test_a_closed_store_refuses_work(tmp_path: Path) -> None:
+    s = DuckDBFlowStore(tmp_path / "c.duckdb")
+    s.close()
+    s.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        s.count()
+
+
+# -- filters and pages --------------------------------------------------------------------
+
+def _in_cidr(ip: str, cidr: str) -> bool:
+    return ipaddress.ip_address(ip) in ipaddress.ip_network(cidr)
+
+
+LABELS = dict(label_rows())
+FILTERS: list[tuple[FlowFilter, Callable[[Row], bool]]] = [
+    (FlowFilter(start=T0 + timedelta(hours=3), end=T0 + timedelta(hours=9)),
+     lambda r: T0 + timedelta(hours=3) <= r["ts"] < T0 + timedelta(hours=9)),
+    (FlowFilter(src_workloads=("web-1", "web-2")), lambda r: r["src_workload"] in ("web-1",
+                                                                                    "web-2")),
+    (FlowFilter(workloads=("db-1",)), lambda r: "db-1" in (r["src_workload"],
+                                                            r["dst_workload"])),
+    (FlowFilter(src_labels=(("app", ("shop",)), ("role", ("web", "api"))),
+                dst_labels=(("env", ("dev",)),)),
+     lambda r: LABELS.get(r["src_workload"], {}).get("app") == "shop"
+     and LABELS.get(r["src_workload"], {}).get("role") in ("web", "api")
+     and LABELS.get(r["dst_workload"], {}).get("env") == "dev"),
+    (FlowFilter(src_ips=("10.0.0.0/16",)), lambda r: _in_cidr(r["src_ip"], "10.0.0.0/16")),
+    (FlowFilter(dst_ips=("2001:db8::/32",)), lambda r: _in_cidr(r["dst_ip"], "2001:db8::/32")),
+    (FlowFilter(ips=("203.0.113.7", "10.0.3.0-10.0.3.255")),
+     lambda r: "203.0.113.7" in (r["src_ip"], r["dst_ip"])
+     or any(_in_cidr(ip, "10.0.3.0/24") for ip in (r["src_ip"], r["dst_ip"]))),
+    (FlowFilter(protos=(17,), ports=((0, 100), (3306, 3306))),
+     lambda r: r["proto"] == 17 and (r["dst_port"] <= 100 or r["dst_port"] == 3306)),
+    (FlowFilter(decisions=("blocked_by_deny", "allowed"), processes=("nginx",)),
+     lambda r: r["decision"] in ("blocked_by_deny", "allowed") and r["process"] == "nginx"),
+    (FlowFilter(users=("alice",), directions=("in",), reporters=("db-1", "web-1")),
+     lambda r: r["user"] == "alice" and r["direction"] == "in"
+     and r["reporter"] in ("db-1", "web-1")),
+]
+
+
+@pytest.mark.parametrize(("flt", "ref"), FILTERS, ids=[str(i) for i in range(len(FILTERS))])
+def test_filters_match_a_python_reference(loaded: tuple[DuckDBFlowStore, list[Row]],
+                                          flt: FlowFilter, ref: Callable[[Row], bool]) -> None:
+    s, rows = loaded
+    want = sorted((r["ts"], r["src_ip"], r["dst_ip"], r["dst_port"], r["bytes"])
+                  for r in rows if ref(r))
+    page, cursor = s.query(flt, limit=10_000)
+    got = sorted((r["ts"], r["src_ip"], r["dst_ip"], r["dst_port"], r["bytes"])
+                 for r in page.to_pylist())
+    assert cursor is None
+    assert got == want and want
+    assert s.count(flt) == len(want)
+
+
+@pytest.mark.parametrize("newest_first", [False, True])
+def test_keyset_pages_cover_every_flow_once_in_order(
+        loaded: tuple[DuckDBFlowStore, list[Row]], newest_first: bool) -> None:
+    s, _ = loaded
+    flt = FlowFilter(protos=(6,))
+    seen: list[tuple[datetime, int]] = []
+    cursor: str | None = None
+    pages = 0
+    while True:
+        page, cursor = s.query(flt, limit=333, cursor=cursor, newest_first=newest_first)
+        seen += zip(page.column("ts").to_pylist(), page.column("id").to_pylist(), strict=True)
+        pages += 1
+        if cursor is None:
+            break
+    assert pages > 3
+    assert len(seen) == len({i for _, i in seen}) == s.count(flt)
+    assert seen == sorted(seen, reverse=newest_first)
+
+
+def test_pages_keep_their_snapshot_while_flows_arrive(store: DuckDBFlowStore) -> None:
+    store.append(make_batch(500), batch_id="one")
+    page, cursor = store.query(FlowFilter(), limit=200)
+    store.append(make_batch(500, seed=5, start=T0 - timedelta(days=1)), batch_id="two")
+    total = page.num_rows
+    while cursor:
+        page, cursor = store.query(FlowFilter(), limit=200, cursor=cursor)
+        total += page.num_rows
+    assert total == 500
+    assert store.query(FlowFilter(), limit=2000)[0].num_rows == 1000
+
+
+def test_a_cursor_only_continues_its_own_query(store: DuckDBFlowStore) -> None:
+    store.append(make_batch(50), batch_id="a")
+    _, cursor = store.query(FlowFilter(protos=(6,)), limit=5)
+    assert cursor
+    with pytest.raises(ValueError, match="other filters"):
+        store.query(FlowFilter(protos=(17,)), limit=5, cursor=cursor)
+    with pytest.raises(ValueError, match="cursor"):
+        store.query(FlowFilter(), limit=5, cursor="garbage")
+
+
+def test_invalid_filters_are_refused() -> None:
+    with pytest.raises(ValueError, match="src_ips"):
+        FlowFilter(src_ips=("10.0.0.0/33",))
+    with pytest.raises(ValueError, match="decisions"):
+        FlowFilter(decisions=("dropped",))
+    with pytest.raises(ValueError, match="start"):
+        FlowFilter(start=datetime(2025, 1, 1))  # naive on purpose
+
+
+# -- aggregation, edges, retention --------------------------------------------------------
+
+def _reference(rows: list[Row], key: Callable[[Row], tuple[Any, ...]]) -> dict[Any, Row]:
+    acc: dict[Any, Row] = {}
+    sources: dict[Any, set[str]] = defaultdict(set)
+    for r in rows:
+        k = key(r)
+        a = acc.setdefault(k, {"flows": 0, "connections": 0, "bytes": 0,
+                               "first_seen": r["first_seen"], "last_seen": r["last_seen"]})
+        a["flows"] += 1
+        a["connections"] += r["connections"]
+        a["bytes"] += r["bytes"]
+        a["first_seen"] = min(a["first_seen"], r["first_seen"])
+        a["last_seen"] = max(a["last_seen"], r["last_seen"])
+        sources[k].add(r["src_ip"])
+    for k, a in acc.items():
+        a["sources"] = len(sources[k])
+    return acc
+
+
+def _label(r: Row, side: str, key: str) -> str | None:
+    return LABELS.get(r[f"{side}_workload"], {}).get(key)
+
+
+@pytest.mark.parametrize(("group_by", "key"), [
+    (["src.app", "dst.app", "decision"],
+     lambda r: (_label(r, "src", "app"), _label(r, "dst", "app"), r["decision"])),
+    (["port"], lambda r: (r["proto"], r["dst_port"])),
+    (["workload", "dst.role"], lambda r: (r["src_workload"], r["dst_workload"],
+                                          _label(r, "dst", "role"))),
+    ([], lambda r: ()),
+])
+def test_aggregation_matches_a_python_reference(loaded: tuple[DuckDBFlowStore, list[Row]],
+                                                group_by: list[str],
+                                                key: Callable[[Row], tuple[Any, ...]]) -> None:
+    s, rows = loaded
+    want = _reference(rows, key)
+    table = s.aggregate(FlowFilter(), group_by)
+    names = [n for n in table.column_names if n not in store_mod.METRICS]
+    got = {tuple(r[n] for n in names): {m: r[m] for m in store_mod.METRICS}
+           for r in table.to_pylist()}
+    assert got == want
+    conns = table.column("connections").to_pylist()
+    assert conns == sorted(conns, reverse=True)
+
+
+def test_aggregate_pages_partition_the_groups(loaded: tuple[DuckDBFlowStore, list[Row]]
+                                              ) -> None:
+    s, _ = loaded
+    full = s.aggregate(FlowFilter(), ["src_ip", "dst_port"], order_by="flows").to_pylist()
+    pages = [s.aggregate(FlowFilter(), ["src_ip", "dst_port"], order_by="flows", limit=37,
+                         offset=o).to_pylist() for o in range(0, len(full) + 37, 37)]
+    assert [r for p in pages for r in p] == full
+
+
+def test_unknown_group_terms_are_refused(loaded: tuple[DuckDBFlowStore, list[Row]]) -> None:
+    s, _ = loaded
+    with pytest.raises(ValueError, match="colour"):
+        s.aggregate(FlowFilter(), ["colour"])
+    with pytest.raises(ValueError, match="order_by"):
+        s.aggregate(FlowFilter(), ["decision"], order_by="src_ip")
+
+
+@pytest.mark.parametrize("level", ["workload", "app", "app,env", "ip"])
+def test_edges_account_for_all_traffic(loaded: tuple[DuckDBFlowStore, list[Row]],
+                                       level: str) -> None:
+    s, rows = loaded
+    table = s.edges(FlowFilter(), level)
+    assert sum(table.column("connections").to_pylist()) == sum(r["connections"] for r in rows)
+    got = {(e["src"], e["dst"]): e["connections"] for e in table.to_pylist()}
+    if level == "workload":
+        want: dict[tuple[str, str], int] = defaultdict(int)
+        for r in rows:
+            want[(r["src_workload"] or "(external)", r["dst_workload"] or "(external)")] += \
+                r["connections"]
+        assert got == want
+    if level == "app,env":
+        assert ("app=shop,env=prod", "app=blog,env=dev") in got
+    blocked = sum(r["connections"] for r in rows if r["decision"].startswith("blocked"))
+    assert sum(table.column("blocked").to_pylist()) == blocked
+
+
+def test_labels_are_replaced_only_when_they_change(store: DuckDBFlowStore) -> None:
+    assert store.set_workloads(label_rows()) is True
+    assert store.set_workloads(label_rows()) is False
+    assert store.set_workloads(label_rows()[:2]) is True
+
+
+def test_retention_drops_old_flows(store: DuckDBFlowStore) -> None:
+    for i in range(4):
+        store.append(make_batch(250, seed=i, start=T0 + timedelta(days=i),
+                                span=timedelta(hours=1)), batch_id=f"d{i}")
+    cutoff = T0 + timedelta(days=2)
+    assert store.delete_before(cutoff) == 500
+    assert store.count() == 500
+    page, _ = store.query(FlowFilter(), limit=1)
+    assert page.column("ts")[0].as_py() >= cutoff
+    assert store.append(make_batch(250, seed=0, start=T0), batch_id="d0") == 0  # id kept
+    # batch ids first stored before the cutoff go too
+    assert store.delete_before(datetime.now(UTC) + timedelta(seconds=1)) == 500
+    assert store.append(make_batch(10), batch_id="d0") == 10
+
+
+def test_approximate_distinct_counts_are_close(loaded: tuple[DuckDBFlowStore, list[Row]]
+                                               ) -> None:
+    s, _ = loaded
+    exact = s.aggregate(FlowFilter(), ["decision"], order_by="decision")
+    approx = s.aggregate(FlowFilter(), ["decision"], order_by="decision", approx=True)
+    assert approx.column("flows").equals(exact.column("flows"))
+    for a, e in zip(approx.column("sources").to_pylist(), exact.column("sources").to_pylist(),
+                    strict=True):
+        assert abs(a - e) <= max(1, 0.05 * e)
+    assert s.edges(FlowFilter(), "app", approx=True).num_rows == s.edges(FlowFilter(),
+                                                                          "app").num_rows
+
+
+def test_the_checkpoint_setting_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="checkpoint_wal"):
+        DuckDBFlowStore(tmp_path / "x.duckdb", checkpoint_wal="1GB'; DROP TABLE flows; --")
