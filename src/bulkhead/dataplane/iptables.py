@@ -45,7 +45,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from bulkhead.dataplane.model import CompiledRule, CompiledWorkload, HostContext, PeerSet
+from bulkhead.dataplane.model import (
+    CompiledRule,
+    CompiledWorkload,
+    HostContext,
+    PeerSet,
+    family_hosts,
+)
 from bulkhead.domain.ports import ICMP_PROTOS, PORTED, PortSpec
 
 __all__ = ["IptablesArtifact", "remove_iptables", "render_iptables", "restore_commands",
@@ -338,16 +344,7 @@ class _Sets:
 
 
 def _hosts(hosts: Iterable[str], fam: _Family) -> tuple[str, ...]:
-    """Hosts of one family, canonical, numerically sorted, without repeats."""
-    packed: set[bytes] = set()
-    for h in hosts:
-        if (":" in h) != (fam.version == 6):
-            continue
-        try:
-            packed.add(socket.inet_pton(fam.af, h))
-        except OSError:
-            raise ValueError(f"peer is not an IP address: {h!r}") from None
-    return tuple(socket.inet_ntop(fam.af, p) for p in sorted(packed))
+    return family_hosts(hosts, fam.version)
 
 
 def _nets(peers: PeerSet, fam: _Family) -> tuple[str, ...]:

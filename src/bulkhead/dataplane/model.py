@@ -13,6 +13,8 @@ processes and units, uids) travel separately as `HostContext`.
 from __future__ import annotations
 
 import ipaddress
+import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from bulkhead.domain.addresses import EMPTY, AddressSet
@@ -41,6 +43,21 @@ class PeerSet:
     def describe(self) -> list[str]:
         return sorted(self.hosts, key=lambda h: (":" in h, int(ipaddress.ip_address(h)))) + (
             self.nets.describe())
+
+
+def family_hosts(hosts: Iterable[str], version: int) -> tuple[str, ...]:
+    """Hosts of one IP version: validated, canonical, numerically sorted, without repeats.
+    Raises ValueError naming a host that is not an address of that version."""
+    af = socket.AF_INET6 if version == 6 else socket.AF_INET
+    packed: set[bytes] = set()
+    for h in hosts:
+        if (":" in h) != (version == 6):
+            continue
+        try:
+            packed.add(socket.inet_pton(af, h))
+        except OSError:
+            raise ValueError(f"peer is not an IP address (IPv{version}): {h!r}") from None
+    return tuple(socket.inet_ntop(af, p) for p in sorted(packed))
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,13 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from bulkhead.dataplane.model import CompiledRule, CompiledWorkload, HostContext, PeerSet
+from bulkhead.dataplane.model import (
+    CompiledRule,
+    CompiledWorkload,
+    HostContext,
+    PeerSet,
+    family_hosts,
+)
 from bulkhead.domain.addresses import AddressSet
 from bulkhead.domain.ports import ICMP_PROTOS, PORTED, PortSpec
 
@@ -185,17 +191,7 @@ class _Sets:
 
 
 def _hosts(hosts: Iterable[str], fam: _Family) -> tuple[str, ...]:
-    """The hosts of one family, validated, canonical and sorted numerically."""
-    packed: set[bytes] = set()
-    for h in hosts:
-        if (":" in h) != (fam.version == 6):
-            continue
-        try:
-            packed.add(socket.inet_pton(fam.af, h))
-        except OSError:
-            raise ValueError(f"peer is not an IPv{fam.version} address: {h!r}") from None
-    ntop = socket.inet_ntop
-    return tuple([ntop(fam.af, p) for p in sorted(packed)])
+    return family_hosts(hosts, fam.version)
 
 
 def _ip_text(fam: _Family, value: int) -> str:

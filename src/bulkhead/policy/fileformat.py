@@ -50,7 +50,7 @@ ACTOR_KINDS = ("labels", "workload", "ip_list", "all_workloads", "user_group")
 def is_port_spec(text: str) -> bool:
     try:
         PortSpec.parse(text)
-    except PortSpecError:
+    except (PortSpecError, AttributeError):
         return False
     return True
 

@@ -46,7 +46,7 @@ from bulkhead.domain.model import (
     Workload,
     effective_rule_id,
 )
-from bulkhead.domain.ports import PortSpec, PortSpecError
+from bulkhead.policy.fileformat import is_port_spec
 from bulkhead.policy.resolve import (
     EVERYTHING,
     Instance,
@@ -153,14 +153,6 @@ _DEAD_ACTOR = Actor("labels", selector=_DEAD_SELECTOR)
 _NAMED_KINDS = ("workload", "ip_list", "user_group")
 
 
-def _is_port_spec(text: str) -> bool:
-    try:
-        PortSpec.parse(text)
-    except (PortSpecError, AttributeError):
-        return False
-    return True
-
-
 class _Sanitiser:
     """Reports references and values the loader would reject; builds a resolvable copy."""
 
@@ -249,7 +241,7 @@ class _Sanitiser:
     def _ports(self, ports: tuple[str, ...], path: str) -> tuple[str, ...]:
         out = []
         for j, spec in enumerate(ports):
-            if _is_port_spec(spec):
+            if is_port_spec(spec):
                 out.append(spec)
             else:
                 self.err("invalid", f"{path}[{j}]", f"not a port spec: {spec!r}")
@@ -340,7 +332,7 @@ class _Sanitiser:
             prov = tuple(self._actor(a, f"{rp}.providers[{k}]", rp, consumer=False)
                          for k, a in enumerate(rule.providers))
             for k, s in enumerate(rule.services):
-                if s in self.services or _is_port_spec(s):
+                if s in self.services or is_port_spec(s):
                     continue
                 self.err("dangling-reference", f"{rp}.services[{k}]",
                          f"unknown service {s!r} (not a name in services nor a port spec "
@@ -363,7 +355,7 @@ class _Sanitiser:
                 except ValueError:
                     self.err("dangling-reference", ep,
                              f"{end!r} is neither a workload nor an address", path)
-        if not _is_port_spec(t.port):
+        if not is_port_spec(t.port):
             self.err("invalid", f"{path}.port", f"not a port spec: {t.port!r}", path)
 
 
