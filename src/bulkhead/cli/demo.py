@@ -88,8 +88,8 @@ def run_demo(examples: Path = EXAMPLES, *, live: bool | None = None) -> int:
     if live is None:
         live = os.geteuid() == 0
     if not live:
-        console.print("[yellow]Not root: skipping live enforcement in network namespaces "
-                      "(it needs root, nftables and iproute2).")
+        why = "" if os.geteuid() == 0 else " (it needs root, nftables and iproute2)"
+        console.print(f"[yellow]Skipping live enforcement in network namespaces{why}.")
         return 0 if all(o.passed for o in outcomes) else 1
     return _live(console, policy) or (0 if all(o.passed for o in outcomes) else 1)
 
