@@ -26,7 +26,8 @@ def test_parse(text: str, spec: PortSpec) -> None:
 
 
 @pytest.mark.parametrize("text", ["tcp/0", "tcp/65536", "tcp/9-1", "icmp/1-3", "gre/1",
-                                  "foo/1", "tcp/x", "300", "icmp/256", "proto/0"])
+                                  "foo/1", "tcp/x", "300", "icmp/256", "proto/0", "proto/²",
+                                  "tcp/1²", "²"])
 def test_reject(text: str) -> None:
     with pytest.raises(PortSpecError):
         PortSpec.parse(text)
@@ -54,3 +55,12 @@ specs = st.one_of(
 def test_contains_agrees_with_matches(a: PortSpec, b: PortSpec, proto: int, port: int) -> None:
     if a.contains(b) and b.matches(proto, port):
         assert a.matches(proto, port)
+
+
+@given(st.text(max_size=12))
+def test_any_text_parses_or_is_refused_cleanly(text: str) -> None:
+    try:
+        spec = PortSpec.parse(text)
+    except PortSpecError:
+        return
+    assert PortSpec.parse(str(spec)) == spec

@@ -168,14 +168,14 @@ def _parse_context(control_plane: list[str], cgroup: list[str], uid: list[str],
     for item in cgroup:
         name, eq, rest = item.partition("=")
         path, colon, level = rest.rpartition(":")
-        if not eq or not colon or not level.isdigit():
+        if not eq or not colon or not (level.isascii() and level.isdigit()):
             raise typer.BadParameter(f"expected NAME=PATH:LEVEL, got {item!r}",
                                      param_hint="--cgroup")
         groups[name] = (path, int(level))
     uids: dict[str, int] = {}
     for item in uid:
         name, eq, num = item.partition("=")
-        if not eq or not num.isdigit():
+        if not eq or not (num.isascii() and num.isdigit()):
             raise typer.BadParameter(f"expected USER=UID, got {item!r}", param_hint="--uid")
         uids[name] = int(num)
     return HostContext(control_plane=tuple(eps), cgroups=groups, uids=uids,

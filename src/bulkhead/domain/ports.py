@@ -30,7 +30,7 @@ def parse_proto(text: str | int) -> int:
             return PROTO_NUMBERS[t]
         if t == "ipv6-icmp":
             return 58
-        if not t.isdigit():
+        if not (t.isascii() and t.isdigit()):
             raise PortSpecError(f"unknown protocol {text!r}")
         value = int(t)
     if not 1 <= value <= 255:

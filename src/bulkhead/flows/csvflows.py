@@ -109,7 +109,7 @@ def read_flows(text: str, source: str = "<flows>") -> FlowTable:
         cell = row[col["dst_port"]].strip()
         if cell in ("", "-"):
             ports.append(-1)
-        elif cell.isdigit() and int(cell) <= 65535:
+        elif (cell.isascii() and cell.isdigit()) and int(cell) <= 65535:
             ports.append(int(cell))
         else:
             bad(line, "dst_port", f"not a port number: {cell!r}")
@@ -128,7 +128,7 @@ def read_flows(text: str, source: str = "<flows>") -> FlowTable:
             v = row[col["count"]].strip()
             if v == "":
                 counts.append(1)
-            elif v.isdigit():
+            elif (v.isascii() and v.isdigit()):
                 counts.append(int(v))
             else:
                 bad(line, "count", f"not a non-negative integer: {v!r}")

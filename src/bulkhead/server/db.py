@@ -7,7 +7,8 @@ half-written. SQLite runs in WAL mode with foreign keys on and a busy timeout.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -71,6 +72,41 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
 
 
+_HOOKS = "bulkhead.after_commit"
+_DEFER = "bulkhead.defer_hooks"
+_COMMITTED = "bulkhead.committed_hooks"
+log = logging.getLogger(__name__)
+
+
+def after_commit(session: Session, fn: Callable[[], None]) -> None:
+    """Run `fn` once the session's transaction has committed (never if it rolls back).
+    Under `Database.transaction()` it runs after the session has released its connection,
+    so a hook may open a session of its own without holding two connections at once."""
+    session.info.setdefault(_HOOKS, []).append(fn)
+
+
+def _run(hooks: list[Callable[[], None]]) -> None:
+    for fn in hooks:
+        try:
+            fn()
+        except Exception:  # the write is committed; a failed follow-up must not hide it
+            log.exception("after-commit hook failed")
+
+
+@event.listens_for(Session, "after_commit")
+def _on_commit(session: Session) -> None:
+    hooks = session.info.pop(_HOOKS, [])
+    if session.info.get(_DEFER):
+        session.info.setdefault(_COMMITTED, []).extend(hooks)
+    else:
+        _run(hooks)
+
+
+@event.listens_for(Session, "after_rollback")
+def _on_rollback(session: Session) -> None:
+    session.info.pop(_HOOKS, None)
+
+
 class Database:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -79,8 +115,14 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
-        with self.sessions() as session, session.begin():
-            yield session
+        session = self.sessions()
+        session.info[_DEFER] = True
+        try:
+            with session.begin():
+                yield session
+        finally:
+            session.close()
+        _run(session.info.pop(_COMMITTED, []))
 
     def create_all(self) -> None:
         """Tables straight from the models (tests); production uses `migrate()`."""

@@ -86,7 +86,7 @@ def expected(if_match: str | None, revision: int | None = None) -> Expected | No
         revs = set()
         for tag in if_match.split(","):
             t = tag.strip().removeprefix("W/").strip('"')
-            if not t.isdigit():
+            if not (t.isascii() and t.isdigit()):
                 raise Invalid("invalid If-Match", [FieldError(
                     "header:If-Match", f"expected an ETag from this API (\"3\"), got {tag!r}")])
             revs.add(int(t))

@@ -21,12 +21,12 @@ import csv
 import io
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import delete as sql_delete
-from sqlalchemy import event, func, insert, or_, select, tuple_
+from sqlalchemy import func, insert, or_, select, tuple_
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -35,6 +35,7 @@ from bulkhead.domain.errors import PolicyError
 from bulkhead.domain.model import DEFAULT_LABEL_KEYS, ENFORCEMENT_STATES, Policy, Workload
 from bulkhead.policy.fileformat import KEY_RE, policy_from_data, policy_to_data
 from bulkhead.server.auth import Principal
+from bulkhead.server.db import after_commit as db_after_commit
 from bulkhead.server.db import utcnow
 from bulkhead.server.errors import Conflict, DomainError, FieldError, Invalid, NotFound
 from bulkhead.server.models.policy import Label, LabelKey, WorkloadIP, WorkloadLabel, WorkloadRow
@@ -92,27 +93,8 @@ def issues_to_errors(exc: PolicyError, strip: str = "", prefix: str = "") -> lis
 
 # -- after-commit hooks -----------------------------------------------------------------------
 
-_HOOKS = "bulkhead.after_commit"
 SYNC_LOCK = threading.RLock()
-
-
-def after_commit(session: Session, fn: Callable[[], None]) -> None:
-    """Run `fn` once the session's transaction has committed (never if it rolls back)."""
-    session.info.setdefault(_HOOKS, []).append(fn)
-
-
-@event.listens_for(Session, "after_commit")
-def _run_hooks(session: Session) -> None:
-    for fn in session.info.pop(_HOOKS, []):
-        try:
-            fn()
-        except Exception:  # the write is committed; a failed state update must not hide it
-            log.exception("after-commit hook failed")
-
-
-@event.listens_for(Session, "after_rollback")
-def _drop_hooks(session: Session) -> None:
-    session.info.pop(_HOOKS, None)
+after_commit = db_after_commit  # kept here too: other services register hooks through it
 
 
 def sync_workloads(session: Session, state: PolicyState | None, names: Iterable[str]) -> None:

@@ -638,7 +638,7 @@ def _doc_for(session: Session, ref: str, param: str) -> tuple[Doc, str]:
     if ref == "active":
         v = active_version(session)
         return (v.objects, f"active (version {v.id})") if v else ({}, "active (none)")
-    if ref.isdigit():
+    if (ref.isascii() and ref.isdigit()):
         v = get_version(session, version=int(ref), param=param)
         return v.objects, f"version {v.id}"
     raise Invalid("invalid policy reference", [FieldError(

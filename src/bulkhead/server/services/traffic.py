@@ -118,7 +118,8 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
 
 def _port_range(text: str) -> tuple[int, int]:
     lo_s, dash, hi_s = text.partition("-")
-    if not lo_s.isdigit() or (dash and not hi_s.isdigit()):
+    digits = (lo_s, hi_s) if dash else (lo_s,)
+    if not all(d.isascii() and d.isdigit() for d in digits):
         raise ValueError(f"not a port or port range: {text!r}")
     lo, hi = int(lo_s), int(hi_s) if dash else int(lo_s)
     if not 0 <= lo <= hi <= 65535:
@@ -360,7 +361,7 @@ def sync_labels(*, session: Session, store: FlowStore | None,
 
 def check_policy_ref(ref: str, where: str = "policy") -> str:
     ref = ref.strip()
-    if ref in ("draft", "active") or (ref.isdigit() and int(ref) > 0):
+    if ref in ("draft", "active") or ((ref.isascii() and ref.isdigit()) and int(ref) > 0):
         return ref
     raise Invalid("invalid policy reference",
                   [FieldError(where, "expected 'draft', 'active' or a version number")])
