@@ -182,66 +182,184 @@ def test_an_invalid_batch_stores_nothing_and_keeps_its_id_free(store: DuckDBFlow
     assert store.append(make_batch(20), batch_id="r") == 20
 
 
-@pytest.mark.parametrize("path", ["staged", "direct"])
+@pytest.mark.parametrize("path", ["log", "load"])
 def test_rows_and_batch_id_commit_together(store: DuckDBFlowStore,
                                            monkeypatch: pytest.MonkeyPatch, path: str) -> None:
-    """A failure after the id is claimed but before the rows are in rolls both back."""
-    if path == "direct":
-        monkeypatch.setattr(store_mod, "STAGE_ROWS", 1)
-        monkeypatch.setattr(store_mod, "_INSERT", "INSERT INTO flows SELECT * FROM no_table")
+    """A failed log write (fsync) fails the append and leaves its id free; a failed load
+    rolls back ids and rows together and keeps the batch logged (and readable later)."""
+    if path == "log":
+        real_fsync = store_mod.os.fsync
+        failures = [OSError("fsync failed")]
+
+        def boom(fd: int) -> None:  # fails once (the write), then works (the cut)
+            if failures:
+                raise failures.pop()
+            real_fsync(fd)
+        monkeypatch.setattr(store_mod.os, "fsync", boom)
+        with pytest.raises(OSError, match="fsync"):
+            store.append(make_batch(30), batch_id="t")
+        monkeypatch.undo()
+        assert sum(p.stat().st_size for p in _segments(store)) == 0  # the frame was cut
+        assert store.stored_batch("t") is None and store.count() == 0
     else:
-        monkeypatch.setattr(store_mod, "_ipc", lambda _t: 1 / 0)
-    with pytest.raises(Exception, match=r"no_table|division"):
-        store.append(make_batch(30), batch_id="t")
-    monkeypatch.undo()
-    assert store.stored_batch("t") is None and store.count() == 0
-    assert store.append(make_batch(30), batch_id="t") == 30
-    assert store.count() == 30
+        assert store.append(make_batch(30), batch_id="t") == 30  # durable in the log
+        monkeypatch.setattr(store_mod, "_INSERT", "INSERT INTO flows SELECT * FROM no_table")
+        with pytest.raises(Exception, match="no_table"):
+            store.count()
+        monkeypatch.undo()
+        assert store.count() == 30
+    assert store.append(make_batch(30), batch_id="t") == (30 if path == "log" else 0)
+    assert store.count() == 30 and store.stored_batch("t") is not None
 
 
-def test_small_batches_are_staged_then_moved_in_order(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_mod, "FLUSH_ROWS", 1000)
-    monkeypatch.setattr(store_mod, "FLUSH_S", 60.0)
+def _segments(s: DuckDBFlowStore) -> list[Path]:
+    return sorted(Path(s.path + ".log").glob("*.seg"))
+
+
+def test_logged_batches_are_loaded_in_order(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "LOAD_ROWS", 1000)
+    monkeypatch.setattr(store_mod, "LOAD_S", 60.0)
     with DuckDBFlowStore(tmp_path / "s.duckdb") as s:
         s.append(make_batch(300), batch_id="s0")
-        assert s._staged_rows == 300  # committed, not yet in `flows`
+        assert s._pending_rows == 300  # acknowledged (in the log), not yet in DuckDB
         for i in range(1, 6):
             s.append(make_batch(300, seed=i), batch_id=f"s{i}")
         deadline = time.monotonic() + 10
-        while s._staged_rows >= 1000 and time.monotonic() < deadline:
-            time.sleep(0.01)  # the flusher was woken at 1,000 staged rows
-        assert s._staged_rows < 1000
+        while s._pending_rows >= 1000 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the loader was woken at 1,000 pending rows
+        assert s._pending_rows < 1000
         s.append(make_batch(300, seed=9), batch_id="s9")
-        page, _ = s.query(FlowFilter(), limit=10_000)  # a read moves the rest first
-        assert s._staged_rows == 0
+        page, _ = s.query(FlowFilter(), limit=10_000)  # a read loads the rest first
+        assert s._pending_rows == 0
         assert sorted(page.column("id").to_pylist()) == list(range(1, 2101))
+    assert _segments(s) == []  # closed with everything loaded: the log is empty
 
 
-def test_staged_flows_survive_a_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_mod, "FLUSH_S", 60.0)
+def test_a_duplicate_id_while_pending_stores_nothing(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "LOAD_S", 60.0)
+    with DuckDBFlowStore(tmp_path / "d.duckdb") as s:
+        assert s.append(make_batch(100), batch_id="p") == 100
+        assert "p" in s._logged and s._pending_rows == 100  # not loaded yet
+        assert s.append(make_batch(100, seed=4), batch_id="p") == 0
+        assert s._pending_rows == 100
+        assert s.count() == 100
+
+
+def _crash(s: DuckDBFlowStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Close without loading, as if the process died after acknowledging."""
+    monkeypatch.setattr(s, "_load_locked", lambda upto=None: None)
+    s.close()
+
+
+def test_acknowledged_batches_survive_a_crash_before_loading(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "LOAD_S", 60.0)
     path = tmp_path / "s.duckdb"
     s = DuckDBFlowStore(path)
-    s.append(make_batch(400), batch_id="a")
-    assert s._staged_rows == 400
-    monkeypatch.setattr(s, "_flush_locked", lambda: None)  # as if the process died first
-    s.close()
+    assert s.append(make_batch(400), batch_id="a") == 400
+    assert s.append(make_batch(100, seed=1), batch_id="b") == 100
+    assert s.append(make_batch(0), batch_id="e") == 0
+    _crash(s, monkeypatch)
+    assert _segments(s)
+    with open(_segments(s)[-1], "ab") as f:  # a torn, unacknowledged write at the end
+        f.write(store_mod._MAGIC + b"\x07" * 20)
     with DuckDBFlowStore(path) as s2:
-        assert s2._staged_rows == 400
-        assert s2.count() == 400
-        assert s2.append(make_batch(400), batch_id="a") == 0
-        assert s2.append(make_batch(5, seed=2), batch_id="b") == 5
-        assert s2.query(FlowFilter(), limit=1000)[0].column("id").to_pylist()[-1] <= 405
+        assert s2._pending_rows == 500  # replayed, not loaded yet
+        assert s2.count() == 500
+        assert s2.stored_batch("e") is not None
+        for bid in ("a", "b", "e"):
+            assert s2.append(make_batch(10, seed=7), batch_id=bid) == 0
+        assert s2.append(make_batch(5, seed=2), batch_id="c") == 5
+        ids = s2.query(FlowFilter(), limit=1000)[0].column("id").to_pylist()
+        assert len(set(ids)) == 505 and max(ids) <= 505
+    with DuckDBFlowStore(path) as s3:
+        assert s3._pending_rows == 0 and s3.count() == 505
 
 
-def test_a_failed_move_keeps_the_staged_flows(store: DuckDBFlowStore,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    store.append(make_batch(100), batch_id="a")
-    monkeypatch.setattr(store_mod, "_INSERT", "INSERT INTO flows SELECT * FROM no_table")
-    with pytest.raises(Exception, match="no_table"):
-        store.count()
+def test_a_crash_after_loading_before_deleting_the_log_duplicates_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "LOAD_S", 60.0)
+    path = tmp_path / "s.duckdb"
+    with DuckDBFlowStore(path) as s:
+        s.append(make_batch(300), batch_id="a")
+        s.append(make_batch(200, seed=1), batch_id="b")
+        saved = {p: p.read_bytes() for p in _segments(s)}
+        assert s.count() == 500  # loaded into DuckDB
+    assert _segments(s) == []
+    for p, data in saved.items():  # the segments come back, as if never deleted
+        p.write_bytes(data)
+    with DuckDBFlowStore(path) as s2:
+        assert s2._pending_rows == 0  # every id is in DuckDB already: skipped
+        assert s2.count() == 500
+        assert s2.append(make_batch(1, seed=5), batch_id="c") == 1
+        assert s2.high_water() == 501
+    assert _segments(s2) == []
+
+
+def test_concurrent_appenders_share_the_log_and_survive_a_crash(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "LOAD_S", 60.0)
+    path = tmp_path / "c.duckdb"
+    s = DuckDBFlowStore(path)
+    fsyncs: list[int] = []
+    real_fsync = store_mod.os.fsync
+
+    def counting(fd: int) -> None:
+        fsyncs.append(fd)
+        real_fsync(fd)
+    monkeypatch.setattr(store_mod.os, "fsync", counting)
+    stored: list[int] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(8)
+
+    def worker(k: int) -> None:
+        barrier.wait()
+        for i in range(15):
+            n = s.append(make_batch(50, seed=k * 100 + i), batch_id=f"w{k}-{i}")
+            n += s.append(make_batch(50, seed=k * 100 + i), batch_id=f"w{k}-{i}")  # a retry
+            with lock:
+                stored.append(n)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert stored == [50] * 120
+    assert len(fsyncs) <= 120  # at most one per batch (concurrent ones are grouped)
+    high = s.high_water()
+    _crash(s, monkeypatch)
     monkeypatch.undo()
-    assert store.count() == 100
+    with DuckDBFlowStore(path) as s2:
+        assert s2.count() == 6000 and s2.high_water() == high
+        page, _ = s2.query(FlowFilter(), limit=10_000)
+        assert len(set(page.column("id").to_pylist())) == 6000
+
+
+def test_a_file_with_staged_rows_is_migrated(tmp_path: Path) -> None:
+    """Files of the staging version keep unmoved batches in a `staged` table."""
+    import duckdb
+    path = tmp_path / "m.duckdb"
+    DuckDBFlowStore(path).close()
+    part = store_mod._prepare(make_batch(50))
+    part = part.add_column(0, "id", pa.array(np.arange(1, 51, dtype=np.int64)))
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE staged (first_id BIGINT NOT NULL, rows BIGINT NOT NULL, "
+                "data BLOB NOT NULL)")
+    con.execute("INSERT INTO staged VALUES (1, 50, ?)", [store_mod._ipc(part)])
+    con.execute("INSERT INTO batches VALUES ('old', now(), 50, 1)")
+    con.close()
+    with DuckDBFlowStore(path) as s:
+        assert s.count() == 50
+        assert s.append(make_batch(50), batch_id="old") == 0
+        assert s.append(make_batch(5, seed=3), batch_id="new") == 5
+        assert s.high_water() == 55
+    con = duckdb.connect(str(path))
+    assert not con.execute("SELECT 1 FROM duckdb_tables() WHERE table_name = 'staged'"
+                           ).fetchall()
+    con.close()
 
 
 def test_concurrent_appends_store_each_batch_once(store: DuckDBFlowStore) -> None:

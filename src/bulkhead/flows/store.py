@@ -3,12 +3,13 @@
 Theory of operation
 -------------------
 Flows arrive as Arrow batches of `FLOW_SCHEMA` (see `schema.py`), each with a batch id chosen
-by the sender. `append` checks the batch, then stores its rows *and* its id in one DuckDB
-transaction; an id that is already in the `batches` table makes the append a no-op that
-returns 0, so a retried upload never duplicates (also after a restart: the ids live in the
-same file). Appends use group commit: concurrent callers queue their checked batches and
-whichever holds the write lock writes every queued batch in one transaction (one INSERT, one
-WAL flush), so throughput grows with concurrency while each batch stays all-or-nothing.
+by the sender. `append` checks the batch and its id (pending in the log, loaded lately, or in
+the `batches` table: the append is a no-op that returns 0), then writes it as one frame to a
+durable append log next to the database (`<db>.log/`, fsynced, concurrent appenders sharing
+fsyncs) and acknowledges. A background loader stores pending batches, rows and ids in one
+DuckDB transaction per group, and deletes spent segments; every read loads what is pending
+first; opening the store replays the log (ids already in DuckDB are skipped), so a crash
+loses and duplicates nothing. See docs/design/flow-store.md, "Appending: the append log".
 
 Every stored row gets an `id` from a counter that only grows (ids of one batch are
 contiguous). Reads are over a snapshot `id <= as_of`: a query's first page pins `as_of` to
@@ -35,9 +36,13 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
+import struct
 import threading
+import time
 import weakref
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -54,11 +59,11 @@ from bulkhead.flows.schema import COLUMNS, V4_MAPPED, check_batch
 from bulkhead.policy.evaluate import DECISIONS
 
 SCHEMA_VERSION = "1"
-GROUP_ROWS = 1 << 18  # most rows written in one group commit
-STAGE_ROWS = 100_000  # groups smaller than this are staged (see "Staging" above)
-FLUSH_ROWS = 250_000  # staged rows that wake the flusher (moving them into `flows`)
-BACKLOG_ROWS = 4 * FLUSH_ROWS  # staged rows at which appends help the flusher
-FLUSH_S = 1.0  # the flusher also moves whatever is staged this long after its last move
+LOAD_ROWS = 250_000  # pending rows that wake the loader; rows per load transaction
+LOAD_BATCHES = 10_000  # most batches per load transaction
+BACKLOG_ROWS = 4 * LOAD_ROWS  # pending rows at which appends help the loader
+LOAD_S = 1.0  # the loader also loads whatever is pending this long after its last load
+SEGMENT_BYTES = 64 << 20  # a log segment is closed (and a new one begun) past this size
 MAX_BATCH_ID = 200
 log = logging.getLogger(__name__)
 RECENT_IDS = 100_000  # batch ids remembered in memory, so a retry costs no database work
@@ -336,8 +341,6 @@ CREATE TABLE IF NOT EXISTS batches (
     rows BIGINT NOT NULL,
     first_id BIGINT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS staged (first_id BIGINT NOT NULL, rows BIGINT NOT NULL,
-                                   data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS workload_labels (workload VARCHAR, key VARCHAR, value VARCHAR);
 """
 _FLOW_COLS = ", ".join(_q(c) for c in COLUMNS)
@@ -355,20 +358,21 @@ def _ipc(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()  # type: ignore[no-any-return]
 
 
-def _flush_loop(ref: weakref.ref[DuckDBFlowStore], wake: threading.Event) -> None:
-    """The background flusher: moves staged rows when there are `FLUSH_ROWS` of them, or
-    `FLUSH_S` after the last move if any are left; ends with its store."""
+def _load_loop(ref: weakref.ref[DuckDBFlowStore], wake: threading.Event) -> None:
+    """The background loader: loads logged batches into DuckDB when there are `LOAD_ROWS`
+    rows of them, or `LOAD_S` after the last load if any are left; ends with its store."""
     while True:
-        wake.wait(FLUSH_S)
+        wake.wait(LOAD_S)
         wake.clear()
         store = ref()
         if store is None or store._stopping:
             return
-        if store._staged_rows:
-            try:
-                store._flush()
-            except Exception:  # the rows stay staged (and readable); retried next time
-                log.exception("flow store: moving staged flows failed")
+        try:
+            if store._pending:
+                store._load()
+            store._rotate_if_drained()
+        except Exception:  # the batches stay logged (and readable); retried next time
+            log.exception("flow store: loading logged flows failed")
         del store
 
 
@@ -383,13 +387,73 @@ def _rollback(con: duckdb.DuckDBPyConnection) -> None:
         _run(con, "ROLLBACK")
 
 
+def _prepare(table: pa.Table) -> pa.Table:
+    """Check a batch; its rows plus the address numbers (`src_hi`, …) that `flows` stores."""
+    checked = check_batch(table)
+    return checked.table.append_column("src_hi", pa.array(checked.src_hi)) \
+        .append_column("src_lo", pa.array(checked.src_lo)) \
+        .append_column("dst_hi", pa.array(checked.dst_hi)) \
+        .append_column("dst_lo", pa.array(checked.dst_lo))
+
+
+# -- the append log -------------------------------------------------------------------------
+# A segment is a sequence of frames: header (magic, id length, payload length, first row id,
+# stored_at in µs, CRC-32 of everything after the header), the batch id (UTF-8), then the
+# prepared batch as an Arrow IPC stream (no `id` column: ids are first_id, first_id + 1, …).
+_FRAME = struct.Struct("<4sIQqqI")
+_MAGIC = b"BHF1"
+CLAIMING, WRITTEN, DURABLE, FAILED = range(4)
+
+
+def _frame(batch_id: bytes, payload: bytes, first_id: int, stored_us: int) -> bytes:
+    crc = zlib.crc32(payload, zlib.crc32(batch_id))
+    return _FRAME.pack(_MAGIC, len(batch_id), len(payload), first_id, stored_us, crc) \
+        + batch_id + payload
+
+
+def _read_segment(path: Path) -> Iterator[tuple[str, int, int, pa.Table]]:
+    """(batch id, first row id, stored_at µs, rows) per intact frame of a segment. Stops at
+    the first torn or damaged frame: a write that was never acknowledged (see `_write`)."""
+    data = path.read_bytes()
+    pos = 0
+    while pos + _FRAME.size <= len(data):
+        magic, nid, npay, first_id, stored_us, crc = _FRAME.unpack_from(data, pos)
+        start = pos + _FRAME.size
+        end = start + nid + npay
+        if magic != _MAGIC or end > len(data):
+            break
+        bid, payload = data[start:start + nid], data[start + nid:end]
+        if zlib.crc32(payload, zlib.crc32(bid)) != crc:
+            break
+        yield bid.decode(), first_id, stored_us, pa.ipc.open_stream(payload).read_all()
+        pos = end
+    if pos != len(data):
+        log.warning("flow store: %s: ignoring %d bytes of an unacknowledged write at %d",
+                    path, len(data) - pos, pos)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @dataclass(eq=False)
-class _Pending:
-    table: pa.Table  # checked batch + src_hi/src_lo/dst_hi/dst_lo
+class _Entry:
+    """A batch in the log, from its id's claim until it is loaded into DuckDB."""
+
     batch_id: str
-    rows: int = 0
+    table: pa.Table | None  # prepared rows (no `id`), dropped once loaded
+    rows: int
+    stored_us: int
+    first_id: int = 0
+    segment: int = 0
+    seq: int = 0  # write order in the log
+    state: int = CLAIMING
+    done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
-    done: bool = False
 
 
 @dataclass
@@ -449,13 +513,12 @@ def _group_terms(group_by: Sequence[str], plan: _Plan) -> list[tuple[str, str]]:
 
 
 class DuckDBFlowStore:
-    """`FlowStore` in one DuckDB file (or `":memory:"`)."""
+    """`FlowStore` in one DuckDB file (or `":memory:"`), behind a durable append log."""
 
     def __init__(self, path: str | Path, *, checkpoint_wal: str = "256MB") -> None:
-        """`checkpoint_wal`: WAL size that triggers a checkpoint. Small appends go through the
-        WAL; checkpointing rarely compresses whole row groups once instead of re-compressing
-        the last partial one each time (about a third less CPU per appended row than DuckDB's
-        16MB default), at the price of a longer WAL replay after a crash."""
+        """`checkpoint_wal`: WAL size that triggers a checkpoint. Loads go through the WAL;
+        checkpointing rarely compresses whole row groups once instead of re-compressing the
+        last partial one each time, at the price of a longer WAL replay after a crash."""
         if not re.fullmatch(r"\d+(KB|MB|GB)", checkpoint_wal):
             raise ValueError(f"checkpoint_wal: a size such as 256MB, not {checkpoint_wal!r}")
         self.path = str(path)
@@ -466,21 +529,34 @@ class DuckDBFlowStore:
         except duckdb.IOException as exc:
             raise RuntimeError(f"cannot open the flow store {self.path}: {exc} (one process "
                                "per database file)") from exc
-        self._write_lock = threading.Lock()
-        self._queue_lock = threading.Lock()
+        # lock order: _load_lock -> _write_lock -> _sync_lock -> _log_lock
+        self._write_lock = threading.Lock()  # the writer cursor (labels, retention)
+        self._load_lock = threading.Lock()  # the loader cursor: one load at a time
+        self._sync_lock = threading.Lock()  # one fsync at a time (group commit), rotation
+        self._log_lock = threading.Lock()  # the log state below
         self._cursor_lock = threading.Lock()
-        self._queue: list[_Pending] = []
         self._local = threading.local()
         self._cursors: list[duckdb.DuckDBPyConnection] = []
         self._closed = False
+        self._closing = False  # no new log writes
+        self._stopping = False  # the loader thread ends
         self._labels_fingerprint: str | None = None
-        self._recent: dict[str, None] = {}  # batch ids stored lately (insertion order)
+        self._recent: dict[str, None] = {}  # batch ids loaded lately (insertion order)
+        self._logged: dict[str, _Entry] = {}  # ids claimed/written/durable, not yet loaded
+        self._unsynced: list[_Entry] = []  # written, not yet fsynced (write order)
+        self._pending: list[_Entry] = []  # durable (acknowledged), not yet loaded (id order)
+        self._pending_rows = 0
+        self._seg_live: dict[int, int] = {}  # segment -> its written entries not yet loaded
+        self._seq = 0  # entries written
+        self._synced_seq = 0  # entries durable
+        self._segment = 0  # the segment being written
+        self._fd = -1
+        self._off = 0  # bytes written to the current segment
+        self._synced_off = 0  # of which durable
+        self._broken: BaseException | None = None
         self._writer = self._new_cursor()
-        self._mover = self._new_cursor()  # the flusher's connection
-        self._flush_lock = threading.Lock()
-        self._count_lock = threading.Lock()
+        self._mover = self._new_cursor()  # the loader's connection
         self._wake = threading.Event()
-        self._stopping = False
         w = self._writer
         _run(w, f"SET checkpoint_threshold = '{checkpoint_wal}'")
         _run(w, _DDL)
@@ -490,15 +566,19 @@ class DuckDBFlowStore:
         elif version[0][0] != SCHEMA_VERSION:
             raise RuntimeError(f"flow store {self.path} has schema version {version[0][0]}, "
                                f"this code reads {SCHEMA_VERSION}")
-        self._staged_rows = int(_run(w, "SELECT coalesce(sum(rows), 0) FROM staged")[0][0])
+        self._migrate_staged()
         self._last_id = int(_run(w, "SELECT greatest((SELECT coalesce(max(id), 0) FROM flows), "
                                     "(SELECT coalesce(max(first_id + rows - 1), 0) "
                                     "FROM batches))")[0][0])
-        # the flusher holds the store weakly: an unclosed, forgotten store is still collected
-        self._flusher = threading.Thread(target=_flush_loop, args=(weakref.ref(self), self._wake),
-                                         daemon=True,
-                                         name=f"flowstore-flush:{Path(self.path).name}")
-        self._flusher.start()
+        self._log_dir = None if self.path == ":memory:" else Path(self.path + ".log")
+        self._replay()
+        self._next_id = self._last_id + 1
+        self._open_segment(self._segment + 1)
+        # the loader holds the store weakly: an unclosed, forgotten store is still collected
+        self._loader = threading.Thread(target=_load_loop, args=(weakref.ref(self), self._wake),
+                                        daemon=True,
+                                        name=f"flowstore-load:{Path(self.path).name}")
+        self._loader.start()
         weakref.finalize(self, self._wake.set)
 
     # -- connections ----------------------------------------------------------------------------
@@ -526,24 +606,33 @@ class DuckDBFlowStore:
         return cur
 
     def close(self) -> None:
-        with self._write_lock:
-            if self._closed:
-                return
-            self._stopping = True
+        """Load every logged batch, then close; what cannot be loaded stays in the log."""
+        with self._log_lock:
+            self._closing = self._stopping = True
         self._wake.set()
-        if self._flusher.is_alive() and self._flusher is not threading.current_thread():
-            self._flusher.join()
-        with self._write_lock, self._flush_lock, self._cursor_lock:
+        if self._loader.is_alive() and self._loader is not threading.current_thread():
+            self._loader.join()
+        with self._load_lock, self._write_lock, self._sync_lock:
             if self._closed:
                 return
-            with contextlib.suppress(duckdb.Error):  # staged rows are safe either way
-                self._flush_locked()
-            self._closed = True
-            for cur in self._cursors:
-                with contextlib.suppress(duckdb.Error):
-                    cur.close()
-            self._cursors.clear()
-            self._root.close()
+            with self._log_lock, contextlib.suppress(OSError):
+                if self._unsynced:  # writers that were waiting for their fsync
+                    self._fsync_locked()
+            with contextlib.suppress(duckdb.Error):  # logged batches are safe either way
+                self._load_locked()
+            with self._log_lock, self._cursor_lock:
+                self._closed = True
+                if self._fd >= 0:
+                    os.close(self._fd)
+                    self._fd = -1
+                if self._log_dir is not None and not self._logged:
+                    for n in [*self._seg_live, self._segment]:
+                        self._seg_path(n).unlink(missing_ok=True)
+                for cur in self._cursors:
+                    with contextlib.suppress(duckdb.Error):
+                        cur.close()
+                self._cursors.clear()
+                self._root.close()
 
     def __enter__(self) -> DuckDBFlowStore:
         return self
@@ -551,123 +640,256 @@ class DuckDBFlowStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- the log --------------------------------------------------------------------------------
+    def _seg_path(self, n: int) -> Path:
+        assert self._log_dir is not None
+        return self._log_dir / f"{n:012d}.seg"
+
+    def _replay(self) -> None:
+        """Every intact frame of every segment whose batch id is not in DuckDB becomes a
+        pending entry again (first occurrence of an id wins); spent segments are deleted."""
+        if self._log_dir is None:
+            return
+        if not self._log_dir.is_dir():
+            self._log_dir.mkdir()
+            _fsync_dir(self._log_dir.parent)
+        segs = sorted(int(p.stem) for p in self._log_dir.glob("*.seg") if p.stem.isdigit())
+        found = [(n, *frame) for n in segs for frame in _read_segment(self._seg_path(n))]
+        self._segment = segs[-1] if segs else 0
+        stored: set[str] = set()
+        if found:
+            w = self._writer
+            w.register("_ids", pa.table({"batch_id": pa.array([f[1] for f in found],
+                                                              pa.string())}))
+            try:
+                stored = {r[0] for r in _run(w, "SELECT batch_id FROM batches WHERE batch_id "
+                                                "IN (SELECT batch_id FROM _ids)")}
+            finally:
+                w.unregister("_ids")
+        for n, bid, first_id, stored_us, table in found:
+            if bid in stored or bid in self._logged:
+                continue
+            e = _Entry(bid, table, table.num_rows, stored_us, first_id, n, state=DURABLE)
+            e.done.set()
+            self._logged[bid] = e
+            self._pending.append(e)
+            self._pending_rows += e.rows
+            self._seg_live[n] = self._seg_live.get(n, 0) + 1
+            self._last_id = max(self._last_id, first_id + e.rows - 1)
+        if self._pending:
+            log.info("flow store: %d logged batches (%d rows) to load", len(self._pending),
+                     self._pending_rows)
+        for n in segs:
+            if not self._seg_live.get(n):
+                self._seg_path(n).unlink(missing_ok=True)
+
+    def _open_segment(self, n: int) -> None:
+        """A new current segment (under the sync and log locks, or while opening)."""
+        self._segment = n
+        self._off = self._synced_off = 0
+        self._seg_live.setdefault(n, 0)
+        if self._log_dir is not None:
+            self._fd = os.open(self._seg_path(n), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            _fsync_dir(self._log_dir)
+
+    def _rotate_locked(self) -> None:
+        """Close the current segment (everything in it durable) and start the next one;
+        under the sync and log locks, so no fsync runs on the old descriptor meanwhile."""
+        if self._unsynced:
+            self._fsync_locked()
+        old, fd = self._segment, self._fd
+        self._open_segment(old + 1)
+        if fd >= 0:
+            os.close(fd)
+        if not self._seg_live.get(old):
+            self._seg_live.pop(old, None)
+            self._seg_path(old).unlink(missing_ok=True)
+
+    def _rotate_if_drained(self) -> None:
+        """Start a fresh segment once everything in the current one is loaded (the loader)."""
+        if self._log_dir is None or self._off == 0:
+            return
+        with self._sync_lock, self._log_lock:
+            if not (self._closing or self._seg_live.get(self._segment) or self._off == 0):
+                self._rotate_locked()
+
+    def _claim(self, batch_id: str, prepared: pa.Table) -> _Entry | None:
+        """Claim an id not in memory (None: logged or loaded lately). An id whose write is
+        under way is waited for: stored, the claim is refused; failed, it is claimed."""
+        while True:
+            with self._log_lock:
+                if self._closing:
+                    raise RuntimeError("flow store is closed")
+                if batch_id in self._recent:
+                    return None
+                other = self._logged.get(batch_id)
+                if other is None:
+                    e = _Entry(batch_id, prepared, prepared.num_rows, time.time_ns() // 1000)
+                    self._logged[batch_id] = e
+                    return e
+                if other.state == DURABLE:
+                    return None
+            other.done.wait()
+
+    def _write(self, e: _Entry, payload: bytes) -> None:
+        """Append `e`'s frame to the current segment (not yet durable: see `_sync`)."""
+        bid = e.batch_id.encode()
+        crc = zlib.crc32(payload, zlib.crc32(bid))
+        if self._log_dir is not None and self._off >= SEGMENT_BYTES:
+            with self._sync_lock, self._log_lock:
+                if self._off >= SEGMENT_BYTES and not self._closing:
+                    self._rotate_locked()
+        with self._log_lock:
+            if self._closing:
+                raise RuntimeError("flow store is closed")
+            if self._broken is not None:
+                raise RuntimeError("flow store: the append log failed, restart the server: "
+                                   f"{self._broken}") from self._broken
+            e.first_id = self._next_id
+            head = _FRAME.pack(_MAGIC, len(bid), len(payload), e.first_id, e.stored_us, crc)
+            size = len(head) + len(bid) + len(payload)
+            if self._fd >= 0:
+                try:
+                    data = memoryview(head + bid + payload)
+                    while data:
+                        data = data[os.write(self._fd, data):]
+                except OSError:
+                    try:  # take the partial frame back (it would be ignored, but not followed)
+                        os.ftruncate(self._fd, self._off)
+                    except OSError as exc:
+                        self._broken = exc
+                    raise
+            self._off += size
+            self._next_id += e.rows
+            self._seq += 1
+            e.seq, e.segment, e.state = self._seq, self._segment, WRITTEN
+            self._seg_live[self._segment] = self._seg_live.get(self._segment, 0) + 1
+            self._unsynced.append(e)
+
+    def _sync(self, e: _Entry) -> None:
+        """Make `e` durable: one fsync covers every frame written before it (group commit)."""
+        with self._sync_lock:
+            if e.state == FAILED:
+                raise e.error or OSError("flow store: the append log write failed")
+            if e.state == DURABLE:
+                return
+            with self._log_lock:
+                fd, seq, off = self._fd, self._seq, self._off
+            try:
+                if fd >= 0:
+                    os.fsync(fd)
+            except OSError as exc:
+                with self._log_lock:
+                    self._discard_locked(exc)
+                raise
+            with self._log_lock:
+                self._synced_locked(seq, off)
+
+    def _fsync_locked(self) -> None:
+        try:
+            if self._fd >= 0:
+                os.fsync(self._fd)
+        except OSError as exc:
+            self._discard_locked(exc)
+            raise
+        self._synced_locked(self._seq, self._off)
+
+    def _synced_locked(self, seq: int, off: int) -> None:
+        """Frames up to `seq` are durable: acknowledged, pending for the loader, visible."""
+        self._synced_seq, self._synced_off = seq, off
+        k = 0
+        while k < len(self._unsynced) and self._unsynced[k].seq <= seq:
+            k += 1
+        done, self._unsynced = self._unsynced[:k], self._unsynced[k:]
+        for e in done:
+            e.state = DURABLE
+            self._pending.append(e)
+            self._pending_rows += e.rows
+            self._last_id = max(self._last_id, e.first_id + e.rows - 1)
+
+    def _discard_locked(self, exc: BaseException) -> None:
+        """An fsync failed: every frame not known durable fails (its id stays free) and is cut
+        from the segment; if even that fails, the log refuses further writes."""
+        for e in self._unsynced:
+            e.state, e.error = FAILED, exc
+            if self._logged.get(e.batch_id) is e:
+                del self._logged[e.batch_id]
+            self._seg_live[e.segment] -= 1
+        self._unsynced = []
+        try:
+            os.ftruncate(self._fd, self._synced_off)
+            os.fsync(self._fd)
+            self._off = self._synced_off
+        except OSError as exc2:
+            self._broken = exc2
+
+    def _remember_locked(self, batch_id: str) -> None:
+        self._recent[batch_id] = None
+        while len(self._recent) > RECENT_IDS:
+            self._recent.pop(next(iter(self._recent)))
+
     # -- writing ----------------------------------------------------------------------------
     def append(self, table: pa.Table, *, batch_id: str) -> int:
+        """Check, log (fsynced) and acknowledge; the loader moves the batch into DuckDB."""
         if not isinstance(batch_id, str) or not batch_id.strip() or \
                 len(batch_id) > MAX_BATCH_ID:
             raise ValueError(f"batch_id: a non-empty string of at most {MAX_BATCH_ID} "
                              "characters is required")
-        checked = check_batch(table)  # first: a bad batch is an error, stored id or not
-        if batch_id in self._recent:  # a retry of a batch stored lately: no database work
+        prepared = _prepare(table)  # first: a bad batch is an error, stored id or not
+        if batch_id in self._recent:  # a retry of a batch loaded lately: no work at all
             return 0
-        t = checked.table
-        prepared = t.append_column("src_hi", pa.array(checked.src_hi)) \
-            .append_column("src_lo", pa.array(checked.src_lo)) \
-            .append_column("dst_hi", pa.array(checked.dst_hi)) \
-            .append_column("dst_lo", pa.array(checked.dst_lo))
-        req = _Pending(prepared, batch_id)
-        with self._queue_lock:
-            self._queue.append(req)
-        with self._write_lock:
-            while not req.done:
-                if self._closed:
-                    raise RuntimeError("flow store is closed")
-                group = self._take_group()
-                if not group:  # cannot happen: `req` is queued until a writer takes it
-                    raise RuntimeError("flow store: lost a queued batch")
-                self._write_group(group)
-        staged = self._staged_rows
-        if staged >= FLUSH_ROWS:
-            self._wake.set()
-            if staged >= BACKLOG_ROWS:  # the flusher is behind: help it (back-pressure)
-                self._flush()
-        if req.error is not None:
-            raise req.error
-        return req.rows
-
-    def _take_group(self) -> list[_Pending]:
-        """Every queued batch (up to `GROUP_ROWS` rows): batches queued while the previous
-        group was being written share the next transaction."""
-        with self._queue_lock:
-            rows = 0
-            k = 0
-            while k < len(self._queue) and (k == 0 or rows + self._queue[k].table.num_rows
-                                            <= GROUP_ROWS):
-                rows += self._queue[k].table.num_rows
-                k += 1
-            group, self._queue = self._queue[:k], self._queue[k:]
-            return group
-
-    def _write_group(self, group: list[_Pending]) -> None:
+        e = self._claim(batch_id, prepared)
+        if e is None:
+            return 0
         try:
-            self._write(group)
-        except Exception as exc:
-            if len(group) == 1:
-                group[0].error = exc
-                group[0].done = True
-                return
-            for req in group:  # isolate the failure: each batch on its own
-                self._write_group([req])
-
-    def _write(self, group: list[_Pending]) -> None:
-        """One transaction: claim the batch ids (those already stored are skipped by the
-        primary key), then insert the rows of the batches whose ids were claimed."""
-        con = self._writer
-        first: dict[str, int] = {}  # batch id -> its first row id (gaps where ids repeat)
-        unique: list[_Pending] = []
-        next_id = self._last_id + 1
-        for req in group:
-            if req.batch_id not in first:
-                first[req.batch_id] = next_id
-                next_id += req.table.num_rows
-                unique.append(req)
-        now = datetime.now(UTC)
-        values: list[Any] = []
-        for req in unique:
-            values.extend((req.batch_id, now, req.table.num_rows, first[req.batch_id]))
-        _run(con, "BEGIN TRANSACTION")
-        try:
-            claimed = {r[0] for r in _run(
-                con, "INSERT INTO batches VALUES " + ", ".join(["(?, ?, ?, ?)"] * len(unique))
-                + " ON CONFLICT DO NOTHING RETURNING batch_id", values)}
-            fresh = [r for r in unique if r.batch_id in claimed]
-            parts = []
-            for req in fresh:
-                n = req.table.num_rows
-                if n:
-                    start = first[req.batch_id]
-                    parts.append(req.table.add_column(0, "id", pa.array(
-                        np.arange(start, start + n, dtype=np.int64))))
-            staged = 0
-            if sum(p.num_rows for p in parts) >= STAGE_ROWS:
-                self._insert(pa.concat_tables(parts))
-            elif parts:
-                blobs: list[Any] = []
-                for part in parts:
-                    blobs.extend((part.column("id")[0].as_py(), part.num_rows, _ipc(part)))
-                    staged += part.num_rows
-                _run(con, "INSERT INTO staged VALUES "
-                     + ", ".join(["(?, ?, ?)"] * len(parts)), blobs)
-            _run(con, "COMMIT")
+            if _run(self._cur(), "SELECT 1 FROM batches WHERE batch_id = ?", [batch_id]):
+                with self._log_lock:  # stored before (another run): remember, refuse
+                    if self._logged.get(batch_id) is e:
+                        del self._logged[batch_id]
+                    self._remember_locked(batch_id)
+                    e.state = FAILED
+                return 0
+            self._write(e, _ipc(prepared))
+            self._sync(e)
         except BaseException:
-            _rollback(con)
+            with self._log_lock:
+                if e.state == CLAIMING:
+                    e.state = FAILED
+                    if self._logged.get(batch_id) is e:
+                        del self._logged[batch_id]
             raise
-        with self._count_lock:
-            self._staged_rows += staged  # (before _last_id: see _visible)
-        for req in fresh:  # ids of skipped (duplicate) batches are not used
-            self._last_id = max(self._last_id, first[req.batch_id] + req.table.num_rows - 1)
-        for bid in claimed:
-            self._recent[bid] = None
-        while len(self._recent) > RECENT_IDS:
-            self._recent.pop(next(iter(self._recent)))
-        stored_now = {id(r) for r in fresh}
-        for req in group:
-            req.rows = req.table.num_rows if id(req) in stored_now else 0
-            req.done = True
+        finally:
+            e.done.set()
+        pending = self._pending_rows
+        if pending >= LOAD_ROWS:
+            self._wake.set()
+            if pending >= BACKLOG_ROWS:  # the loader is behind: help it (back-pressure)
+                try:
+                    self._load()
+                except Exception:  # acknowledged already; the loader retries
+                    log.exception("flow store: loading logged flows failed")
+        return e.rows
 
-    def _insert(self, data: pa.Table, con: duckdb.DuckDBPyConnection | None = None) -> None:
-        """Rows (with `id`) into `flows`, inside `con`'s (the writer's) open transaction."""
-        con = con or self._writer
+    def _migrate_staged(self) -> None:
+        """A file written by the staging version may hold a `staged` table: move its rows
+        into `flows` and drop it, in one transaction (while opening)."""
+        w = self._writer
+        if not _run(w, "SELECT 1 FROM duckdb_tables() WHERE table_name = 'staged'"):
+            return
+        blobs = _run(w, "SELECT data FROM staged ORDER BY first_id")
+        _run(w, "BEGIN TRANSACTION")
+        try:
+            if blobs:
+                self._insert(pa.concat_tables(
+                    [pa.ipc.open_stream(b[0]).read_all() for b in blobs]), w)
+            _run(w, "DROP TABLE staged")
+            _run(w, "COMMIT")
+        except BaseException:
+            _rollback(w)
+            raise
+
+    def _insert(self, data: pa.Table, con: duckdb.DuckDBPyConnection) -> None:
+        """Rows (with `id`) into `flows`, inside `con`'s open transaction."""
         con.register("_batch", data)
         try:
             _run(con, _INSERT)
@@ -675,51 +897,76 @@ class DuckDBFlowStore:
             with contextlib.suppress(duckdb.Error):
                 con.unregister("_batch")
 
-    def _flush(self) -> None:
-        with self._flush_lock:
+    def _load(self, upto: int | None = None) -> None:
+        with self._load_lock:
             if self._closed:
                 raise RuntimeError("flow store is closed")
-            self._flush_locked()
+            self._load_locked(upto)
 
-    def _flush_locked(self) -> None:
-        """Move staged batches into `flows`, `FLUSH_ROWS` or so at a time, each move one
-        transaction (insert the rows, delete their staged copy). Runs on its own cursor under
-        the flush lock, concurrently with appends: they only add staged rows with larger
-        first ids, and never touch the rows a move deletes."""
+    def _load_locked(self, upto: int | None = None) -> None:
+        """Load pending batches (those with ids up to `upto`, or all) into DuckDB, about
+        `LOAD_ROWS` rows per transaction: ids (skipping those already stored) and rows
+        together; then forget their entries and delete segments left with none."""
         con = self._mover
-        while self._staged_rows > 0:
-            meta = _run(con, "SELECT first_id, rows FROM staged ORDER BY first_id")
-            if not meta:
-                with self._count_lock:
-                    self._staged_rows = 0
+        while True:
+            group: list[_Entry] = []
+            rows = 0
+            with self._log_lock:
+                for e in self._pending:
+                    if (group and (rows + e.rows > LOAD_ROWS or len(group) >= LOAD_BATCHES)) \
+                            or (upto is not None and e.first_id + e.rows - 1 > upto):
+                        break
+                    group.append(e)
+                    rows += e.rows
+            if not group:
                 return
-            total = 0
-            last = meta[0][0]
-            for fid, n in meta:
-                if total and total + n > FLUSH_ROWS:
-                    break
-                total += int(n)
-                last = fid
-            lo = meta[0][0]
-            blobs = _run(con, "SELECT data FROM staged WHERE first_id BETWEEN ? AND ? "
-                              "ORDER BY first_id", [lo, last])
-            data = pa.concat_tables([pa.ipc.open_stream(b[0]).read_all() for b in blobs])
-            _run(con, "BEGIN TRANSACTION")
+            self._load_group(con, group)
+            with self._log_lock:
+                del self._pending[:len(group)]
+                self._pending_rows -= rows
+                for e in group:
+                    if self._logged.get(e.batch_id) is e:
+                        del self._logged[e.batch_id]
+                    self._remember_locked(e.batch_id)
+                    e.table = None
+                    self._seg_live[e.segment] -= 1
+                spent = [n for n, k in self._seg_live.items() if k == 0 and n != self._segment]
+                for n in spent:
+                    del self._seg_live[n]
+            for n in spent:
+                self._seg_path(n).unlink(missing_ok=True)
+
+    def _load_group(self, con: duckdb.DuckDBPyConnection, group: list[_Entry]) -> None:
+        ids = pa.table({
+            "batch_id": pa.array([e.batch_id for e in group], pa.string()),
+            "stored_at": pa.array([e.stored_us for e in group], pa.timestamp("us", tz="UTC")),
+            "rows": pa.array([e.rows for e in group], pa.int64()),
+            "first_id": pa.array([e.first_id for e in group], pa.int64())})
+        _run(con, "BEGIN TRANSACTION")
+        try:
+            con.register("_ids", ids)
             try:
-                self._insert(data, con)
-                _run(con, "DELETE FROM staged WHERE first_id BETWEEN ? AND ?", [lo, last])
-                _run(con, "COMMIT")
-            except BaseException:
-                _rollback(con)
-                raise
-            with self._count_lock:
-                self._staged_rows = max(0, self._staged_rows - total)
+                claimed = {r[0] for r in _run(
+                    con, "INSERT INTO batches SELECT * FROM _ids "
+                         "ON CONFLICT DO NOTHING RETURNING batch_id")}
+            finally:
+                with contextlib.suppress(duckdb.Error):
+                    con.unregister("_ids")
+            parts = [e.table.add_column(0, "id", pa.array(
+                np.arange(e.first_id, e.first_id + e.rows, dtype=np.int64)))
+                for e in group if e.rows and e.table is not None and e.batch_id in claimed]
+            if parts:
+                self._insert(pa.concat_tables(parts), con)
+            _run(con, "COMMIT")
+        except BaseException:
+            _rollback(con)
+            raise
 
     def _visible(self) -> None:
-        """Before a read: every committed flow is in `flows`. Callers take their snapshot
-        mark (`high_water`) first; a batch committed after that may stay staged."""
-        if self._staged_rows:
-            self._flush()
+        """Before a read: every acknowledged flow up to the current mark is in `flows`.
+        Callers take their snapshot mark (`high_water`) first."""
+        if self._pending:
+            self._load(self._last_id)
 
     def set_workloads(self, rows: Iterable[Workload | WorkloadLabels]) -> bool:
         """Replace the label table; False (and nothing written) if the labels are unchanged."""
@@ -761,15 +1008,18 @@ class DuckDBFlowStore:
         that late would be re-stored; agents retry within minutes)."""
         if ts.tzinfo is None:
             raise ValueError("delete_before: needs a timezone-aware datetime")
-        with self._write_lock, self._flush_lock:
-            self._flush_locked()
+        with self._load_lock, self._write_lock:
+            if self._closed:
+                raise RuntimeError("flow store is closed")
+            self._load_locked()
             con = self._writer
             _run(con, "BEGIN TRANSACTION")
             try:
                 deleted = int(_run(con, "DELETE FROM flows WHERE ts < ?", [ts])[0][0])
                 _run(con, "DELETE FROM batches WHERE stored_at < ?", [ts])
                 _run(con, "COMMIT")
-                self._recent.clear()
+                with self._log_lock:
+                    self._recent.clear()
             except BaseException:
                 _rollback(con)
                 raise
@@ -795,6 +1045,7 @@ class DuckDBFlowStore:
 
     def stored_batch(self, batch_id: str) -> tuple[datetime, int, int] | None:
         """(stored_at, rows, first id) of a stored batch id, else None."""
+        self._visible()
         rows = _run(self._cur(), "SELECT epoch_us(stored_at), rows, first_id FROM batches "
                                  "WHERE batch_id = ?", [batch_id])
         return (_us_ts(rows[0][0]), int(rows[0][1]), int(rows[0][2])) if rows else None
