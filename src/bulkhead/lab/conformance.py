@@ -303,8 +303,10 @@ class Conformance:
             h = self.hosts[host]
             fixed = []
             for src, r in report.control_plane:
-                if r != "open":  # every address of the control plane must connect
-                    addrs = [a for a in (h.ipv4, h.ipv6) if a]
+                if r != "open":  # every address the source can reach must connect
+                    me = self.hosts[src]
+                    addrs = [a for a, mine in ((h.ipv4, me.ipv4), (h.ipv6, me.ipv6))
+                             if a and mine]
                     res = self.lab.probe(src, [(a, "tcp", port) for a in addrs],
                                          timeout=timeout)
                     r = next((x for x in res if x != "open"), "open")
