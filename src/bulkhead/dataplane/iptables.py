@@ -50,7 +50,9 @@ from bulkhead.dataplane.model import (
     CompiledWorkload,
     HostContext,
     PeerSet,
+    ServiceGroup,
     family_hosts,
+    group_services,
 )
 from bulkhead.domain.ports import ICMP_PROTOS, PORTED, PortSpec
 
@@ -422,15 +424,6 @@ def _uid_ranges(uids: Iterable[int]) -> list[str]:
 
 # -- rules --------------------------------------------------------------------------------------
 
-@dataclass
-class _Group:
-    """Services of one rule sharing the extra (cgroup) match and the notes above them."""
-
-    specs: list[PortSpec]
-    extra: str = ""
-    notes: list[str] = field(default_factory=list)
-
-
 class _Renderer:
     def __init__(self, cw: CompiledWorkload, ctx: HostContext,
                  inbound_process: InboundProcess) -> None:
@@ -518,28 +511,22 @@ class _Renderer:
         out += self.line(chain, [], "default: no rule", self.targets("default", "-"))
         return out
 
-    def groups(self, rule: CompiledRule, *, inbound: bool) -> list[_Group]:
+    def groups(self, rule: CompiledRule, *, inbound: bool) -> list[ServiceGroup]:
         """The rule's services grouped by their process/unit binding (inbound only)."""
-        plain = _Group([])
-        bound: dict[tuple[str, str], list[PortSpec]] = {}
-        for svc in rule.services:
-            if inbound and (svc.process is not None or svc.unit is not None):
-                bound.setdefault((svc.process or "", svc.unit or ""), []).append(svc.spec)
-            else:
-                plain.specs.append(svc.spec)
-        out = [plain] if plain.specs else []
-        for (process, unit), specs in sorted(bound.items()):
-            out.append(self.bound_group(rule, process, unit, specs))
+        plain, bound = group_services(rule, inbound=inbound)
+        out = [ServiceGroup(plain)] if plain else []
+        out += [self.bound_group(rule, process, unit, specs)
+                for (process, unit), specs in bound]
         return out
 
-    def bound_group(self, rule: CompiledRule, process: str, unit: str,
-                    specs: list[PortSpec]) -> _Group:
+    def bound_group(self, rule: CompiledRule, process: str | None, unit: str | None,
+                    specs: list[PortSpec]) -> ServiceGroup:
         named = [(k, n) for k, n in (("process", process), ("unit", unit)) if n]
         what = " and ".join(f"{k} {_text(n)}" for k, n in named)
         ports = ", ".join(str(s) for s in specs)
         rid = _text(rule.rule_id)
         if self.inbound_process == "port":
-            return _Group(specs, notes=[f"# {rid}: {ports} of {what} matched by port alone "
+            return ServiceGroup(specs, notes=[f"# {rid}: {ports} of {what} matched by port alone "
                                         "(inbound_process=port): the process is not enforced"])
         paths: list[str] = []
         missing: list[str] = []
@@ -552,15 +539,15 @@ class _Renderer:
                 paths.append(path)
         if rule.action == "allow":
             if missing:
-                return _Group([], notes=[f"# {rid}: no usable cgroup for "
+                return ServiceGroup([], notes=[f"# {rid}: no usable cgroup for "
                                          f"{' and '.join(missing)}: {ports} not allowed "
                                          "(fail closed)"])
-            return _Group(specs, " ".join(f"-m cgroup --path {_q(p)}" for p in paths),
+            return ServiceGroup(specs, " ".join(f"-m cgroup --path {_q(p)}" for p in paths),
                           [f"# {rid}: {ports} only for {what}; xt_cgroup cannot see the "
                            "listener of a new connection, so this admits none (fail closed)"])
         why = (f"no usable cgroup for {' and '.join(missing)}" if missing
                else "xt_cgroup cannot match a new inbound connection")
-        return _Group(specs, notes=[f"# {rid}: {why}: {ports} {rule.action} widened to every "
+        return ServiceGroup(specs, notes=[f"# {rid}: {why}: {ports} {rule.action} widened to every "
                                     "process (fail closed)"])
 
     def rule(self, rule: CompiledRule, fam: _Family, *, inbound: bool) -> list[str]:

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from bulkhead.domain.addresses import EMPTY, AddressSet
+from bulkhead.domain.ports import PortSpec
 from bulkhead.policy.resolve import ResolvedService
 
 
@@ -80,6 +81,35 @@ class CompiledWorkload:
     outbound_mode: str  # enforce | allow
     inbound: tuple[CompiledRule, ...] = ()
     outbound: tuple[CompiledRule, ...] = ()
+
+
+@dataclass
+class ServiceGroup:
+    """Services of one rule rendered together: they share the extra (cgroup) match and the
+    comment lines above them."""
+
+    specs: list[PortSpec]
+    extra: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+Binding = tuple[str | None, str | None]  # (process, unit)
+
+
+def group_services(rule: CompiledRule, *, inbound: bool
+                   ) -> tuple[list[PortSpec], list[tuple[Binding, list[PortSpec]]]]:
+    """A rule's port specs split into the unbound ones and, per process/unit binding (in a
+    stable order), the bound ones. Bindings count inbound only: the consumer's host cannot
+    see the remote process, so outbound every service is plain."""
+    plain: list[PortSpec] = []
+    bound: dict[Binding, list[PortSpec]] = {}
+    for svc in rule.services:
+        if inbound and (svc.process is not None or svc.unit is not None):
+            bound.setdefault((svc.process, svc.unit), []).append(svc.spec)
+        else:
+            plain.append(svc.spec)
+    order = sorted(bound.items(), key=lambda kv: (kv[0][0] or "", kv[0][1] or ""))
+    return plain, order
 
 
 @dataclass(frozen=True)

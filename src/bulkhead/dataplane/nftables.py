@@ -44,7 +44,9 @@ from bulkhead.dataplane.model import (
     CompiledWorkload,
     HostContext,
     PeerSet,
+    ServiceGroup,
     family_hosts,
+    group_services,
 )
 from bulkhead.domain.addresses import AddressSet
 from bulkhead.domain.ports import ICMP_PROTOS, PORTED, PortSpec
@@ -313,15 +315,6 @@ def _local_match(local: AddressSet, fam: _Family, key: str) -> str | None:
     return f"{fam.nf} {key} {_braces(elements)}"
 
 
-@dataclass
-class _Group:
-    """Services of one rule that share the extra (cgroup) match and the comments above them."""
-
-    specs: list[PortSpec]
-    extra: str = ""
-    notes: list[str] = field(default_factory=list)
-
-
 class _Renderer:
     def __init__(self, cw: CompiledWorkload, ctx: HostContext) -> None:
         self.cw = cw
@@ -398,23 +391,16 @@ class _Renderer:
               f"group {self.ctx.nflog_group}"
         return f"{log} {'drop' if self.drop_rules else 'accept'}"
 
-    def groups(self, rule: CompiledRule, *, inbound: bool) -> list[_Group]:
+    def groups(self, rule: CompiledRule, *, inbound: bool) -> list[ServiceGroup]:
         """The rule's services grouped by their process/unit binding (inbound only)."""
-        plain = _Group([])
-        bound: dict[tuple[str | None, str | None], list[PortSpec]] = {}
-        for svc in rule.services:
-            if inbound and (svc.process is not None or svc.unit is not None):
-                bound.setdefault((svc.process, svc.unit), []).append(svc.spec)
-            else:
-                plain.specs.append(svc.spec)
-        out = [plain] if plain.specs else []
-        for (process, unit), specs in sorted(bound.items(), key=lambda kv: (
-                kv[0][0] or "", kv[0][1] or "")):
-            out.append(self.bound_group(rule, process, unit, specs))
+        plain, bound = group_services(rule, inbound=inbound)
+        out = [ServiceGroup(plain)] if plain else []
+        out += [self.bound_group(rule, process, unit, specs)
+                for (process, unit), specs in bound]
         return out
 
     def bound_group(self, rule: CompiledRule, process: str | None, unit: str | None,
-                    specs: list[PortSpec]) -> _Group:
+                    specs: list[PortSpec]) -> ServiceGroup:
         matches: list[str] = []
         missing: list[str] = []
         for kind, name in (("process", process), ("unit", unit)):
@@ -428,11 +414,11 @@ class _Renderer:
                 matches.append(f'socket cgroupv2 level {got[1]} "{got[0]}"')
         ports = ", ".join(str(s) for s in specs)
         if not missing:
-            return _Group(specs, " ".join(matches))
+            return ServiceGroup(specs, " ".join(matches))
         why = f"{_text(rule.rule_id)}: no usable cgroup for {' and '.join(missing)}"
         if rule.action == "allow":
-            return _Group([], notes=[f"# {why}: {ports} not allowed (fail closed)"])
-        return _Group(specs, notes=[f"# {why}: {ports} {rule.action} widened to every "
+            return ServiceGroup([], notes=[f"# {why}: {ports} not allowed (fail closed)"])
+        return ServiceGroup(specs, notes=[f"# {why}: {ports} {rule.action} widened to every "
                                     "process (fail closed)"])
 
     def rule(self, rule: CompiledRule, *, inbound: bool) -> list[str]:
