@@ -11,21 +11,7 @@ from sqlalchemy import func, select
 from bulkhead.server.db import Database
 from bulkhead.server.models.audit import AuditEntry
 from bulkhead.server.models.policy import Label, WorkloadRow
-
-API = "/api/v1"
-PROBLEM = "application/problem+json"
-
-
-def problem(r: Any, status: int) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"] == PROBLEM
-    body: dict[str, Any] = r.json()
-    assert body["status"] == status
-    return body
-
-
-def paths(body: dict[str, Any]) -> list[str]:
-    return [e["path"] for e in body.get("errors", [])]
+from tests.server.helpers import API, paths, problem
 
 
 def counts(db: Database) -> tuple[int, int, int]:

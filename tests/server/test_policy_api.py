@@ -15,23 +15,14 @@ from bulkhead.server import metrics
 from bulkhead.server.db import Database
 from bulkhead.server.models.audit import AuditEntry, Event
 from bulkhead.server.models.policy import DraftObject
+from tests.server.helpers import API, paths, problem
 
 ROOT = Path(__file__).resolve().parents[2]
 SHOP = (ROOT / "examples" / "policies" / "shop.yaml").read_text()
-API = "/api/v1"
-PROBLEM = "application/problem+json"
 
 
-def problem(r: Any, status: int) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"] == PROBLEM
-    body: dict[str, Any] = r.json()
-    assert body["status"] == status
-    return body
 
 
-def paths(body: dict[str, Any]) -> list[str]:
-    return [e["path"] for e in body.get("errors", [])]
 
 
 def import_shop(c: Any) -> None:

@@ -24,10 +24,9 @@ from bulkhead.server.models.audit import AuditEntry
 from bulkhead.server.models.users import ApiKey, User, UserSession
 from bulkhead.server.services import users as svc
 from bulkhead.server.services.audit import emit
+from tests.server.helpers import API, problem
 
-PROBLEM = "application/problem+json"
 PW = "correct horse battery staple"
-API = "/api/v1"
 
 
 @pytest.fixture(autouse=True)
@@ -53,12 +52,6 @@ def login(client: TestClient, name: str, password: str = PW) -> dict[str, str]:
     return {"Authorization": f"Bearer {r.json()['token']}"}
 
 
-def problem(r: Any, status: int) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith(PROBLEM)
-    body: dict[str, Any] = r.json()
-    assert body["status"] == status
-    return body
 
 
 def audit_rows(db: Database) -> list[AuditEntry]:
