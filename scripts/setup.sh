@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(python3 python3-venv python3-pip nftables iptables ipset conntrack iproute2 iputils-ping
-      procps util-linux kmod postgresql)
+      procps util-linux kmod postgresql chromium)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${PKGS[@]}"; do
