@@ -302,7 +302,10 @@ def main() -> None:
         return
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
-    print(f"{args.clients} clients, one uvicorn worker (h11, asyncio loop), SQLite + "
+    import importlib.util
+    fast = importlib.util.find_spec("httptools") and importlib.util.find_spec("uvloop")
+    print(f"{args.clients} clients, one uvicorn worker "
+          f"({'httptools, uvloop' if fast else 'h11, asyncio loop'}), SQLite + "
           f"{'DuckDB flow store' if args.store == 'duckdb' else 'NO flow store (null)'}, "
           f"loopback; {args.seconds:g} s per phase; load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory(prefix="bulkhead-bench-") as tmp:

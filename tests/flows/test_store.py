@@ -640,3 +640,34 @@ def test_approximate_distinct_counts_are_close(loaded: tuple[DuckDBFlowStore, li
 def test_the_checkpoint_setting_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="checkpoint_wal"):
         DuckDBFlowStore(tmp_path / "x.duckdb", checkpoint_wal="1GB'; DROP TABLE flows; --")
+
+
+def test_ids_forgotten_in_memory_are_still_refused_by_the_id_filter(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the in-memory window (and after a reopen) a retry is caught by the id filter and
+    confirmed in DuckDB; a fresh id never queries DuckDB; retention frees ids again."""
+    monkeypatch.setattr(store_mod, "RECENT_IDS", 2)
+    path = tmp_path / "f.duckdb"
+    with DuckDBFlowStore(path) as s:
+        for i in range(5):
+            assert s.append(make_batch(10, seed=i), batch_id=f"b{i}") == 10
+        s.count()  # loaded: only b3, b4 are remembered in memory
+        assert "b0" not in s._recent and "b0" in s._ids and "zz" not in s._ids
+        assert s.append(make_batch(10, seed=9), batch_id="b0") == 0
+    with DuckDBFlowStore(path) as s2:
+        assert all(f"b{i}" in s2._ids for i in range(5))
+        assert s2.append(make_batch(10, seed=9), batch_id="b1") == 0
+        assert s2.append(make_batch(10, seed=9), batch_id="new") == 10
+        s2.delete_before(T0 + timedelta(days=3650))  # every flow and batch id expires
+        assert s2.append(make_batch(10, seed=9), batch_id="b2") == 10  # stored again
+        assert s2.count() == 10
+
+
+def test_the_id_filter_answers_exactly_for_ids_it_holds() -> None:
+    held = [f"agent-{i % 7}:{i}" for i in range(3000)]
+    f = store_mod._IdFilter(held[:1000])
+    f.MERGE = 100  # merge into the sorted base often
+    for bid in held[1000:]:
+        f.add(bid)
+    assert all(bid in f for bid in held)
+    assert sum(f"other-{i}" in f for i in range(3000)) == 0

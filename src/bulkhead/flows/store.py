@@ -440,6 +440,35 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _id_hash(batch_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(batch_id.encode(), digest_size=8).digest(), "little")
+
+
+class _IdFilter:
+    """64-bit hashes of every batch id stored: a miss proves an id new without asking DuckDB;
+    a hit (a retry, or a rare hash collision) is confirmed there. Ids deleted by retention
+    stay in the filter: their hits are confirmed absent and the batch is stored again."""
+
+    MERGE = 1 << 16
+
+    def __init__(self, ids: Iterable[str] = ()) -> None:
+        self._base = np.sort(np.fromiter(map(_id_hash, ids), np.uint64))
+        self._new: set[int] = set()
+
+    def add(self, batch_id: str) -> None:
+        self._new.add(_id_hash(batch_id))
+        if len(self._new) >= self.MERGE:
+            self._base = np.union1d(self._base, np.fromiter(self._new, np.uint64))
+            self._new.clear()
+
+    def __contains__(self, batch_id: str) -> bool:
+        h = _id_hash(batch_id)
+        if h in self._new:
+            return True
+        i = int(np.searchsorted(self._base, np.uint64(h)))
+        return i < self._base.size and int(self._base[i]) == h
+
+
 @dataclass(eq=False)
 class _Entry:
     """A batch in the log, from its id's claim until it is loaded into DuckDB."""
@@ -572,6 +601,8 @@ class DuckDBFlowStore:
                                     "FROM batches))")[0][0])
         self._log_dir = None if self.path == ":memory:" else Path(self.path + ".log")
         self._replay()
+        ids = [r[0] for r in _run(w, "SELECT batch_id FROM batches")]
+        self._ids = _IdFilter([*ids, *self._logged])
         self._next_id = self._last_id + 1
         self._open_segment(self._segment + 1)
         # the loader holds the store weakly: an unclosed, forgotten store is still collected
@@ -803,6 +834,7 @@ class DuckDBFlowStore:
         done, self._unsynced = self._unsynced[:k], self._unsynced[k:]
         for e in done:
             e.state = DURABLE
+            self._ids.add(e.batch_id)
             self._pending.append(e)
             self._pending_rows += e.rows
             self._last_id = max(self._last_id, e.first_id + e.rows - 1)
@@ -842,7 +874,8 @@ class DuckDBFlowStore:
         if e is None:
             return 0
         try:
-            if _run(self._cur(), "SELECT 1 FROM batches WHERE batch_id = ?", [batch_id]):
+            if batch_id in self._ids and _run(
+                    self._cur(), "SELECT 1 FROM batches WHERE batch_id = ?", [batch_id]):
                 with self._log_lock:  # stored before (another run): remember, refuse
                     if self._logged.get(batch_id) is e:
                         del self._logged[batch_id]
