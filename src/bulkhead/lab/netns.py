@@ -276,6 +276,14 @@ class NetnsLab:
         """Pids of the responders started by `serve()` and not yet stopped."""
         return tuple(p.pid for p in self._procs)
 
+    def detach(self) -> None:
+        """Keep the lab running after this process exits (no teardown at exit).
+
+        Whoever detaches takes over teardown (e.g. `bulkhead.lab.runner.teardown`, which
+        finds everything by the lab prefix).
+        """
+        _LIVE.discard(self)
+
     def ns_name(self, host: str) -> str:
         """Name of the host's namespace as `ip netns list` shows it."""
         if host not in self._hosts:
@@ -523,18 +531,21 @@ class NetnsLab:
         tcp: Iterable[int] = (),
         udp: Iterable[int] = (),
         cgroup: str | None = None,
+        executable: str | None = None,
     ) -> None:
         """Start a responder in the host namespace; return once its sockets are bound.
 
         TCP ports answer one line (``"<host> tcp <port>\\n"``) and close; UDP ports echo.
         With `cgroup`, the responder is moved into the lab cgroup of that name (created if
         needed) *before* it execs, hence before it opens any socket - a socket belongs to
-        the cgroup of the process that created it, for good.
+        the cgroup of the process that created it, for good. `executable` replaces the
+        Python interpreter (e.g. a copy of it named ``mysqld``, so /proc/PID/exe says so).
         """
         tcp_ports, udp_ports = sorted(set(tcp)), sorted(set(udp))
         if not tcp_ports and not udp_ports:
             raise ValueError("serve() needs at least one tcp or udp port")
-        argv = [sys.executable, "-I", str(_RESPONDER), "--name", host]
+        python = executable or sys.executable
+        argv = [python, "-I", str(_RESPONDER), "--name", host]
         if tcp_ports:
             argv += ["--tcp", ",".join(map(str, tcp_ports))]
         if udp_ports:
@@ -571,10 +582,15 @@ class NetnsLab:
     # ---------------------------------------------------------------- cgroups
 
     def _ensure_cgroup(self, name: str) -> Path:
-        if not _NAME_RE.match(name):
-            raise ValueError(f"bad cgroup name {name!r}: want [A-Za-z0-9_.-], <= 40 chars")
+        parts = name.split("/")
+        if not all(_NAME_RE.match(p) for p in parts):
+            raise ValueError(
+                f"bad cgroup name {name!r}: want [A-Za-z0-9_.-], <= 40 chars (per / part)"
+            )
         if name in self._cgroups:
             return self._cgroups[name]
+        if len(parts) > 1:  # nested ("web-1/mysql.service"): parents first, removed last
+            self._ensure_cgroup("/".join(parts[:-1]))
         mount = cgroup2_mount()
         if mount is None:
             raise NetnsError("no cgroup2 file system mounted (see /proc/self/mountinfo)")
@@ -624,15 +640,16 @@ class NetnsLab:
     def cgroup_level(self, name: str) -> int:
         """The ``level`` for `cgroup_path(name)`: its depth below the cgroup2 root.
 
-        Our cgroups sit at ``<cgroup2 root>/<prefix>/<name>``, so this is 2 (plus the depth
-        of the mount's root when only a subtree of the hierarchy is mounted). Inside a
+        Our cgroups sit at ``<cgroup2 root>/<prefix>/<name>``, so this is 2 (plus one per
+        ``/`` in a nested name, plus the depth of the mount's root when only a subtree of
+        the hierarchy is mounted). Inside a
         cgroup namespace the kernel counts from the real root, which cannot be seen from
         here: the lab assumes it runs in the initial cgroup namespace.
         """
         self._ensure_cgroup(name)
         info = _cgroup2_mount_info()
         root = info[1] if info else "/"
-        return len([p for p in root.split("/") if p]) + 2
+        return len([p for p in root.split("/") if p]) + 2 + name.count("/")
 
     def cgroup_dir(self, name: str) -> str:
         """Absolute directory of the lab cgroup `name` (created if needed)."""
