@@ -306,3 +306,80 @@ def schema() -> None:
     from bulkhead.policy.schema import policy_schema
 
     typer.echo(json.dumps(policy_schema(), indent=2))
+
+
+def _train_until(text: str | None) -> float | None:
+    from bulkhead.flows.csvflows import parse_ts
+
+    if text is None:
+        return None
+    try:
+        return parse_ts(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--train-until") from None
+
+
+@app.command()
+def generate(file: Path,
+             flows: Path = typer.Option(..., "--flows", help="CSV with src_ip,dst_ip,proto,"
+                                        "dst_port,ts[,count,process]"),
+             out: Path = typer.Option(..., "--out", help="Write the draft policy here "
+                                      "(.json for JSON, else YAML)."),
+             granularity: str | None = typer.Option(
+                 None, "--granularity", help="env|app|tier|service|process (default: the "
+                 "recommended point of the default curve)"),
+             scope: str = typer.Option("", "--scope", help="KEY=VALUE[,KEY=VALUE]: only flows "
+                                       "with an end in this selector (default: everything)"),
+             train_until: str | None = typer.Option(
+                 None, "--train-until", help="epoch seconds or ISO 8601: later flows are held "
+                 "out to measure the result"),
+             report: Path | None = typer.Option(None, "--report", help="Write the JSON "
+                                                "report here."),
+             external: str = typer.Option("cidr", "--external", help="cidr (one IP list per "
+                                          "/24) or internet (one list)"),
+             noise: str = typer.Option("all", "--noise", help="comma list of noise filters, "
+                                       "'all' or 'none'"),
+             crown_jewel: list[str] = typer.Option(
+                 [], "--crown-jewel", help="KEY=VALUE[,…]: workloads whose unobserved consumers "
+                 "must stay denied (a generated test; repeatable)")) -> None:
+    """Generate allow rules from observed flows: DRAFT = FILE + the recommended candidate."""
+    from bulkhead.flows.csvflows import read_flows_file
+    from bulkhead.generate import FlowColumns, Options, generate, label_selector
+    from bulkhead.generate.noise import DEFAULT_NOISE
+    from bulkhead.policy.fileformat import dump_policy, loads_policy
+
+    policy = _load(file)
+    try:
+        table = read_flows_file(str(flows))
+    except PolicyError as err:
+        _fail(err)
+    until = _train_until(train_until)
+    if until is not None and table.ts is None:
+        typer.echo(f"{flows}: --train-until needs a 'ts' column", err=True)
+        raise typer.Exit(1)
+    names = (DEFAULT_NOISE if noise == "all" else () if noise == "none"
+             else tuple(n.strip() for n in noise.split(",") if n.strip()))
+    try:
+        opts = Options(granularity=granularity, scope=label_selector(scope, "--scope"),
+                       train_until=until, external=external, noise=names,
+                       crown_jewels=tuple(label_selector(c, "--crown-jewel")
+                                          for c in crown_jewel))
+        opts.check()
+        result = generate(policy, FlowColumns(table.src_ip, table.dst_ip, table.proto,
+                                              table.dst_port, table.process, table.ts,
+                                              table.count), opts)
+    except ValueError as exc:
+        typer.echo(f"{file}: {exc}", err=True)
+        raise typer.Exit(2 if not isinstance(exc, PolicyError) else 1) from None
+    chosen = result.candidates[result.recommended]
+    text = dump_policy(chosen.draft, "json" if out.suffix == ".json" else "yaml")
+    loads_policy(text, str(out))  # the draft must load with every other command
+    out.write_text(text, encoding="utf-8")
+    data = result.full_report()
+    if report is not None:
+        report.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    test = data["coverage_test"]
+    typer.echo(f"{out}: {chosen.name}: {data['rules']} rules, coverage train "
+               f"{data['coverage_train']:.3f}, test "
+               f"{'n/a' if test is None else format(test, '.3f')}, over-permission "
+               f"{data['over_permission']:.3f} ({data['over_permission_count']} triples)")
