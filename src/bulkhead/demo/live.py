@@ -207,6 +207,9 @@ def run_live(topology_path: Path, console: Console, *, traffic_s: float = 40.0,
         active.text,
         [(ips[p.source], ips.get(p.target, p.target.removeprefix("external:")), p.port)
          for p in hits]))
-    s.console_url = f"{lab.server_url}/console/ (user admin, password in {lab.state_path})"
+    server = lab.state()["server"]
+    login = f"user {server.get('user', 'admin')}, password {server['password']}" \
+        if server.get("password") else "log in with your own account"
+    s.console_url = f"{lab.server_url}/console/ ({login})"
     s.seconds = time.monotonic() - started
     return s, lab
