@@ -671,3 +671,21 @@ def test_the_id_filter_answers_exactly_for_ids_it_holds() -> None:
         f.add(bid)
     assert all(bid in f for bid in held)
     assert sum(f"other-{i}" in f for i in range(3000)) == 0
+
+
+def test_name_workloads_fills_only_the_unnamed_ends() -> None:
+    from bulkhead.flows.schema import name_workloads
+
+    t = validate_batch(make_batch(50, seed=3))
+    rows = t.to_pylist()
+    owners = {next(r["src_ip"] for r in rows if r["src_workload"] is None): "a",
+              next(r["dst_ip"] for r in rows if r["dst_workload"] is None): "b"}
+    out = name_workloads(t, owners)
+    assert out.column("src_workload").null_count < t.column("src_workload").null_count
+    assert out.column("dst_workload").null_count < t.column("dst_workload").null_count
+    for i, row in enumerate(out.to_pylist()):
+        before = t.slice(i, 1).to_pylist()[0]
+        for side in ("src", "dst"):
+            expect = before[f"{side}_workload"] or owners.get(row[f"{side}_ip"])
+            assert row[f"{side}_workload"] == expect
+    assert name_workloads(t, {}) is t

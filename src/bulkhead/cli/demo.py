@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from bulkhead.demo.recorded import Recorded
 from bulkhead.demo.story import DEFAULT_TOPOLOGY, Summary, examples_dir, render
 
 
@@ -47,6 +48,24 @@ def _hold(console: Console, url: str | None) -> None:
         stop.wait()
 
 
+def _serve_recorded(console: Console, s: Summary, rec: Recorded) -> None:
+    """The console on the story's result, until Ctrl-C; its data is removed afterwards."""
+    import shutil
+    import tempfile
+
+    from bulkhead.demo.console import serve_recorded
+
+    directory = Path(tempfile.mkdtemp(prefix="bulkhead-demo-"))
+    try:
+        serve_recorded(directory, rec.before, rec.draft, rec.flows,
+                       note=f"generated from recorded traffic ({s.candidate})",
+                       announce=lambda url: console.print(
+                           f"\nThe console is up at [bold]{url}[/]: the recorded flows and "
+                           "the generated policy, provisioned. Press Ctrl-C to stop."))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def run(topology: Path, *, live: bool | None, exit_: bool, traffic_s: float,
         summary_file: Path | None, console: Console) -> Summary:
     why = _why_not_live()
@@ -59,10 +78,12 @@ def run(topology: Path, *, live: bool | None, exit_: bool, traffic_s: float,
             console.print(f"[yellow]Running on recorded flows: {why}.")
         from bulkhead.demo.recorded import run_recorded
 
-        s = run_recorded(topology, console)
+        s, rec = run_recorded(topology, console)
         render(console, s)
         if summary_file:
             s.write(summary_file)
+        if not exit_:
+            _serve_recorded(console, s, rec)
         return s
     from bulkhead.demo.live import run_live
 

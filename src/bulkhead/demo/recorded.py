@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -18,7 +20,15 @@ from bulkhead.domain.model import Policy
 TRAIN_S = 2 * 3600.0  # the "visibility" period the policy is learned from
 TEST_S = 3600.0  # later traffic the policy is measured on
 WINDOW_S = 60.0  # flow summaries per minute, as agents report them
-T0 = 1_780_000_000.0
+
+
+@dataclass
+class Recorded:
+    """What the recorded story produced, for its console."""
+
+    before: Policy  # the workloads as found (labelled), no rules
+    draft: Policy  # plus the generated rules
+    flows: list[dict[str, Any]]
 
 
 def _allowed(policy: Policy, rows: list[tuple[str, str, str, int]]) -> list[bool]:
@@ -35,7 +45,7 @@ def _allowed(policy: Policy, rows: list[tuple[str, str, str, int]]) -> list[bool
     return [res.row(i).decision.startswith("allowed") for i in range(len(rows))]
 
 
-def run_recorded(topology_path: Path, console: Console) -> Summary:
+def run_recorded(topology_path: Path, console: Console) -> tuple[Summary, Recorded]:
     from bulkhead.generate.encode import FlowColumns
     from bulkhead.generate.generator import Options, generate
     from bulkhead.lab.synth import synthesize_flows
@@ -46,7 +56,8 @@ def run_recorded(topology_path: Path, console: Console) -> Summary:
     s = Summary(mode="recorded", topology=topo.name, hosts=len(topo.hosts))
 
     step(console, 1, f"Visibility: {len(topo.hosts)} hosts of '{topo.name}', traffic recorded")
-    flows = synthesize_flows(topo, start=T0, duration_s=TRAIN_S + TEST_S, seed=1,
+    t0 = time.time() // WINDOW_S * WINDOW_S - TRAIN_S - TEST_S  # the last three hours
+    flows = synthesize_flows(topo, start=t0, duration_s=TRAIN_S + TEST_S, seed=1,
                              window_s=WINDOW_S)
     s.flows_seen = len(flows)
     s.connections_seen = sum(int(f["count"]) for f in flows)
@@ -87,7 +98,7 @@ def run_recorded(topology_path: Path, console: Console) -> Summary:
         dst_port=np.array([f["dst_port"] for f in flows]),
         process=[f["process"] for f in flows], ts=np.array([f["ts"] for f in flows]),
         count=np.array([f["count"] for f in flows]))
-    result = generate(policy, cols, Options(train_until=T0 + TRAIN_S, noise=()))
+    result = generate(policy, cols, Options(train_until=t0 + TRAIN_S, noise=()))
     t = Table("candidate", "rules", "coverage (train)", "coverage (later)", "over-permission")
     for i, c in enumerate(result.candidates):
         mark = " [bold](recommended)" if i == result.recommended else ""
@@ -152,4 +163,4 @@ def run_recorded(topology_path: Path, console: Console) -> Summary:
     console.print(f"{s.legit_probes - len(s.legit_failed)}/{s.legit_probes} declared edges "
                   "allowed")
     s.seconds = time.monotonic() - started
-    return s
+    return s, Recorded(policy, draft, flows)

@@ -393,3 +393,23 @@ def _check(table: pa.Table) -> ValidBatch:
 
 def empty_batch() -> pa.Table:
     return FLOW_SCHEMA.empty_table()
+
+
+def name_workloads(table: pa.Table, owners: dict[str, str]) -> pa.Table:
+    """`table` (of `FLOW_SCHEMA`) with null `src_workload`/`dst_workload` filled from
+    `owners` (canonical address -> workload name): an agent knows only its own side, the
+    control plane knows whose the far end is. Names already there are kept."""
+    if not owners or table.num_rows == 0:
+        return table
+    for side in ("src", "dst"):
+        name = f"{side}_workload"
+        col = table.column(name)
+        if col.null_count == 0:
+            continue
+        enc = pc.dictionary_encode(table.column(f"{side}_ip")).combine_chunks()
+        found = pa.array([owners.get(ip) for ip in enc.dictionary.to_pylist()], pa.string())
+        if found.null_count == len(found):
+            continue
+        table = table.set_column(table.schema.get_field_index(name), name,
+                                 pc.coalesce(col, pc.take(found, enc.indices)))
+    return table

@@ -18,6 +18,7 @@ import threading
 from dataclasses import dataclass
 
 from bulkhead.dataplane.model import CompiledWorkload
+from bulkhead.domain.addresses import canonical_ip
 from bulkhead.domain.model import Policy, Workload
 from bulkhead.policy.compile import Compiler
 
@@ -42,6 +43,7 @@ class PolicyState:
         self._counter = 0
         self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]]
         self._waiters = {}
+        self._owners: dict[str, str] | None = None
 
     # -- mutations (request threads) ----------------------------------------------------------
     def load(self, version: int | None, policy: Policy) -> set[str]:
@@ -49,6 +51,7 @@ class PolicyState:
         with self._lock:
             old = self.compiler.compiled if self.compiler else {}
             self.compiler = Compiler(policy)
+            self._owners = None
             changed = {n for n, cw in self.compiler.compiled.items() if old.get(n) != cw}
             changed |= set(old) - set(self.compiler.compiled)
             if version is not None and version != self.version:
@@ -62,6 +65,7 @@ class PolicyState:
             if self.compiler is None:
                 return set()
             changed = self.compiler.update_workload(w)
+            self._owners = None
             self._bump(changed)
             return changed
 
@@ -70,6 +74,7 @@ class PolicyState:
             if self.compiler is None:
                 return set()
             changed = self.compiler.remove_workload(name) | {name}
+            self._owners = None
             self._bump(changed)
             return changed
 
@@ -81,6 +86,14 @@ class PolicyState:
                 loop.call_soon_threadsafe(_wake, fut)
 
     # -- reads -------------------------------------------------------------------------------
+    def owners(self) -> dict[str, str]:
+        """Address -> workload name (to name the far end of reported flows)."""
+        with self._lock:
+            if self._owners is None:
+                ws = self.compiler.workloads.values() if self.compiler else ()
+                self._owners = {canonical_ip(ip): w.name for w in ws for ip in w.ips}
+            return self._owners
+
     def snapshot(self, name: str) -> Snapshot:
         with self._lock:
             cw = self.compiler.compiled.get(name) if self.compiler else None
