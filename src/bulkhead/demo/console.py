@@ -4,8 +4,11 @@ flows - so the map, traffic explorer and policy pages show what the demo did."""
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import signal
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -90,8 +93,18 @@ def serve_recorded(directory: Path, before: Policy, enforced: Policy,
     port = _free_port()
     announce(f"http://127.0.0.1:{port}/console/ (user admin, password {password})")
     app = create_app(settings, db=db, flows=store)
+    # served from a thread, so that SIGINT/SIGTERM reach this one and the caller cleans up
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                          log_level="warning"))
+    thread = threading.Thread(target=server.run, name="demo-console", daemon=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    thread.start()
     try:
-        uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+        with contextlib.suppress(KeyboardInterrupt):
+            stop.wait()
     finally:
+        server.should_exit = True
+        thread.join(10)
         store.close()
         db.dispose()
