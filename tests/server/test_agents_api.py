@@ -414,6 +414,21 @@ def test_flow_upload_json_is_idempotent(env: Env) -> None:
     assert table.column("first_seen").equals(table.column("ts"))
 
 
+def test_flows_name_the_far_end_when_it_is_one_of_our_workloads(env: Env) -> None:
+    r = env.admin("POST", "/workloads", json={"name": "db-9", "ips": ["10.0.1.5"]})
+    assert r.status_code == 201, r.text
+    agent_id, cred = env.pair("web-1")
+    r = env.agent("POST", f"/agents/{agent_id}/flows", cred,
+                  json={"batch_id": "far-end", "flows": _flows(20)})
+    assert r.status_code == 200, r.text
+    table = next(iter(env.store.batches.values()))
+    named = {(d, w) for d, w in zip(table.column("dst_ip").to_pylist(),
+                                    table.column("dst_workload").to_pylist(), strict=True)}
+    assert ("10.0.1.5", "db-9") in named
+    assert {w for d, w in named if d != "10.0.1.5"} == {None}
+    assert set(table.column("src_workload").to_pylist()) == {"web-1"}
+
+
 def test_flow_upload_arrow_is_idempotent_and_per_agent(env: Env) -> None:
     a_id, a_cred = env.pair("web-1")
     b_id, b_cred = env.pair("web-2")

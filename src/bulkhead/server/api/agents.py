@@ -234,11 +234,13 @@ async def upload_flows(agent_id: AgentId, caller: AgentDep, request: Request,
     own(caller, agent_id)
     body = await request.body()
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    owners = policy_state(request).owners()
     try:
         result = await run_in_threadpool(
             lambda: svc.ingest_flows(request.app.state.flows, agent_id=caller.id,
                                      workload=caller.workload, body=body,
-                                     content_type=ctype, batch_id=x_batch_id))
+                                     content_type=ctype, batch_id=x_batch_id,
+                                     owners=owners))
     except DomainError:
         FLOW_BATCHES.labels("rejected").inc()
         raise

@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session
 
 from bulkhead.dataplane.model import PeerSet
 from bulkhead.dataplane.wire import peers_to_data, to_data
-from bulkhead.flows.schema import TS_TYPE, FlowBatchError, validate_batch
+from bulkhead.flows.schema import TS_TYPE, FlowBatchError, name_workloads, validate_batch
 from bulkhead.policy.fileformat import NAME_RE
 from bulkhead.server.auth import AGENT_PERMISSIONS, Principal, new_token, token_digest
 from bulkhead.server.db import utcnow
@@ -576,12 +576,16 @@ def prepare_flows(table: pa.Table, *, workload: str) -> pa.Table:
 
 
 def ingest_flows(store: Any, *, agent_id: int, workload: str, body: bytes,
-                 content_type: str, batch_id: str | None = None) -> IngestResult:
-    """Decode, validate and append once per (agent, batch id): a retry stores nothing."""
+                 content_type: str, batch_id: str | None = None,
+                 owners: dict[str, str] | None = None) -> IngestResult:
+    """Decode, validate and append once per (agent, batch id): a retry stores nothing.
+    `owners` (address -> workload) names the far end of each flow when it is ours."""
     if store is None:
         raise Unavailable("no flow store is configured on this server")
     batch_id, table = decode_flows(body, content_type, batch_id)
     flows = prepare_flows(table, workload=workload)
+    if owners:
+        flows = name_workloads(flows, owners)
     if flows.num_rows == 0:
         return IngestResult(batch_id, 0, False)
     stored = int(store.append(flows, batch_id=f"agent-{agent_id}:{batch_id}"))
