@@ -28,6 +28,7 @@ from bulkhead.domain.model import (
     Selector,
     Workload,
 )
+from bulkhead.policy.fileformat import Reader, kind_of
 from bulkhead.policy.source import Document, join, parse_text, read_file
 
 __all__ = [
@@ -237,66 +238,14 @@ def selector_matches(selector: Selector, labels: dict[str, str]) -> bool:
     return True
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return type(value).__name__
+class _Loader(Reader):
+    WORD = "key"
 
-
-class _Loader:
     def __init__(self, doc: Document) -> None:
         self.doc = doc
         self.issues: list[Issue] = []
         self.hosts: dict[str, Host] = {}
         self.label_keys: list[str] = list(DEFAULT_LABEL_KEYS)
-
-    def err(self, path: str, message: str) -> None:
-        self.issues.append(self.doc.issue(path, message))
-
-    def mapping(self, value: Any, path: str, allowed: tuple[str, ...],
-                required: tuple[str, ...] = ()) -> dict[str, Any] | None:
-        if not isinstance(value, dict):
-            self.err(path, f"expected a mapping, got {_kind(value)}")
-            return None
-        for k in value:
-            if k not in allowed:
-                self.err(join(path, str(k)),
-                         f"unknown key {k!r} (expected one of: {', '.join(allowed)})")
-        for k in required:
-            if k not in value:
-                self.err(path, f"missing required key {k!r}")
-        return value
-
-    def seq(self, value: Any, path: str) -> list[Any]:
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            self.err(path, f"expected a list, got {_kind(value)}")
-            return []
-        return value
-
-    def string(self, value: Any, path: str, pattern: re.Pattern[str] | None = None,
-               what: str = "a string") -> str | None:
-        if not isinstance(value, (str, int)) or isinstance(value, bool):
-            hint = " (quote it: YAML reads yes/no/on/off as booleans)" if isinstance(
-                value, bool) else ""
-            self.err(path, f"expected {what}, got {_kind(value)}{hint}")
-            return None
-        text = str(value)
-        if pattern is not None and not pattern.match(text):
-            self.err(path, f"invalid {what} {text!r}")
-            return None
-        return text
 
     # ---------------------------------------------------------------- top level
 
@@ -306,7 +255,8 @@ class _Loader:
             raise PolicyError(self.issues)
         if top.get("version", 1) != 1:
             self.err("version", f"unsupported version {top.get('version')!r} (want 1)")
-        name = self.string(top.get("name", "lab"), "name", NAME_RE, "lab name") or "lab"
+        name = self.string(top.get("name", "lab"), "name", pattern=NAME_RE,
+                           what="lab name") or "lab"
         net = self.network(top.get("network", DEFAULT_NETWORK))
         gateway, internet = ("", "")
         if net is not None:
@@ -351,7 +301,8 @@ class _Loader:
             m = self.mapping(item, p, _HOST, ("name",))
             if m is None:
                 continue
-            name = self.string(m.get("name"), join(p, "name"), HOST_NAME_RE, "host name")
+            name = self.string(m.get("name"), join(p, "name"), pattern=HOST_NAME_RE,
+                               what="host name")
             if name is None:
                 continue
             if name == INTERNET_HOST:
@@ -363,8 +314,8 @@ class _Loader:
                 continue
             base: Host | None = None
             if "replicas_of" in m:
-                ref = self.string(m["replicas_of"], join(p, "replicas_of"), HOST_NAME_RE,
-                                  "host name")
+                ref = self.string(m["replicas_of"], join(p, "replicas_of"),
+                                  pattern=HOST_NAME_RE, what="host name")
                 if ref is not None:
                     base = self.hosts.get(ref)
                     if base is None:
@@ -380,7 +331,7 @@ class _Loader:
                     managed = m["managed"]
                 else:
                     self.err(join(p, "managed"), f"expected true or false, got "
-                                                 f"{_kind(m['managed'])}")
+                                                 f"{kind_of(m['managed'])}")
             enforcement: Enforcement = base.enforcement if base else "visibility"
             if "enforcement" in m:
                 if m["enforcement"] in ENFORCEMENT_STATES:
@@ -429,7 +380,7 @@ class _Loader:
         if value is None:
             return ()
         if not isinstance(value, dict):
-            self.err(path, f"expected a mapping of label key to value, got {_kind(value)}")
+            self.err(path, f"expected a mapping of label key to value, got {kind_of(value)}")
             return ()
         out = []
         for k, v in value.items():
@@ -456,11 +407,11 @@ class _Loader:
                 if m is None or "port" not in m:
                     continue
                 if "process" in m:
-                    process = self.string(m["process"], join(p, "process"), PROCESS_RE,
-                                          "process name")
+                    process = self.string(m["process"], join(p, "process"),
+                                          pattern=PROCESS_RE, what="process name")
                 if "unit" in m:
-                    unit = self.string(m["unit"], join(p, "unit"), UNIT_RE,
-                                       "unit (like 'mysql.service')")
+                    unit = self.string(m["unit"], join(p, "unit"), pattern=UNIT_RE,
+                                       what="unit (like 'mysql.service')")
                 port_value, pp = m["port"], join(p, "port")
             else:
                 port_value, pp = item, p
@@ -551,7 +502,7 @@ class _Loader:
                 return None
             return found
         self.err(path, f"expected a host name, a label selector or 'external:IP', got "
-                       f"{_kind(value)}")
+                       f"{kind_of(value)}")
         return None
 
     host_ip_net: ipaddress.IPv4Network | None = None
@@ -596,7 +547,7 @@ class _Loader:
             m = self.mapping(item, p, _ATTACK, ("name", "from", "probe"))
             if m is None or any(k not in m for k in ("name", "from", "probe")):
                 continue
-            name = self.string(m["name"], join(p, "name"), NAME_RE, "attack name")
+            name = self.string(m["name"], join(p, "name"), pattern=NAME_RE, what="attack name")
             if name is not None:
                 if name in seen:
                     self.err(join(p, "name"), f"duplicate attack name {name!r} "

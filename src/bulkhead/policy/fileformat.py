@@ -55,8 +55,11 @@ def is_port_spec(text: str) -> bool:
     return True
 
 
-class _Reader:
-    """Builds model objects from plain data, collecting issues instead of stopping."""
+class Reader:
+    """Builds model objects from plain data, collecting issues instead of stopping (also
+    the base of other YAML formats' loaders, e.g. the lab's topology file)."""
+
+    WORD = "field"  # what the format calls a mapping key in messages
 
     def __init__(self, doc: Document) -> None:
         self.doc = doc
@@ -68,22 +71,22 @@ class _Reader:
     def mapping(self, value: Any, path: str, allowed: tuple[str, ...],
                 required: tuple[str, ...] = ()) -> dict[str, Any] | None:
         if not isinstance(value, dict):
-            self.err(path, f"expected a mapping, got {_kind(value)}")
+            self.err(path, f"expected a mapping, got {kind_of(value)}")
             return None
         for k in value:
             if k not in allowed:
                 self.err(join(path, str(k)),
-                         f"unknown field {k!r} (expected one of: {', '.join(allowed)})")
+                         f"unknown {self.WORD} {k!r} (expected one of: {', '.join(allowed)})")
         for k in required:
             if k not in value:
-                self.err(path, f"missing required field {k!r}")
+                self.err(path, f"missing required {self.WORD} {k!r}")
         return value
 
     def seq(self, value: Any, path: str) -> list[Any]:
         if value is None:
             return []
         if not isinstance(value, list):
-            self.err(path, f"expected a list, got {_kind(value)}")
+            self.err(path, f"expected a list, got {kind_of(value)}")
             return []
         return value
 
@@ -92,7 +95,7 @@ class _Reader:
         if isinstance(value, bool) or value is None or isinstance(value, (dict, list)):
             hint = " (quote it: YAML reads yes/no/on/off as booleans)" if isinstance(
                 value, bool) else ""
-            self.err(path, f"expected {what}, got {_kind(value)}{hint}")
+            self.err(path, f"expected {what}, got {kind_of(value)}{hint}")
             return None
         text = str(value)
         if pattern is not None and not pattern.match(text):
@@ -102,7 +105,7 @@ class _Reader:
 
     def boolean(self, value: Any, path: str) -> bool:
         if not isinstance(value, bool):
-            self.err(path, f"expected true or false, got {_kind(value)}")
+            self.err(path, f"expected true or false, got {kind_of(value)}")
             return False
         return value
 
@@ -135,7 +138,7 @@ class _Reader:
         return seen
 
 
-def _kind(value: Any) -> str:
+def kind_of(value: Any) -> str:
     if value is None:
         return "nothing"
     if isinstance(value, bool):
@@ -152,7 +155,7 @@ TOP_KEYS = ("version", "label_keys", "label_groups", "ip_lists", "services", "us
 
 
 def policy_from_document(doc: Document) -> Policy:
-    r = _Reader(doc)
+    r = Reader(doc)
     data = doc.data if doc.data is not None else {}
     top = r.mapping(data, "", TOP_KEYS)
     if top is None:
@@ -184,7 +187,7 @@ def policy_from_document(doc: Document) -> Policy:
 
 
 class _Context:
-    def __init__(self, r: _Reader, label_keys: tuple[str, ...]) -> None:
+    def __init__(self, r: Reader, label_keys: tuple[str, ...]) -> None:
         self.r = r
         self.keys = label_keys
         self.group_keys: dict[str, str] = {}
@@ -370,7 +373,7 @@ class _Context:
     def selector(self, value: Any, path: str) -> Selector | None:
         if not isinstance(value, dict):
             self.r.err(path, f"a selector is a mapping of label key to value(s), got "
-                       f"{_kind(value)}")
+                       f"{kind_of(value)}")
             return None
         terms: dict[str, SelectorValue] = {}
         ok = True
