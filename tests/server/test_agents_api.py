@@ -647,3 +647,13 @@ def test_unpair_delivers_the_final_state_once(env: Env) -> None:
         assert env.admin("GET", f"/agents/{too_big}").status_code == 422
         assert env.admin("GET", f"/pairing-keys/{too_big}").status_code == 422
         assert env.admin("GET", "/agents", params={"offset": too_big}).status_code == 422
+
+
+def test_nul_characters_are_refused_before_the_database(env: Env) -> None:
+    """PostgreSQL text cannot hold NUL: every agent-channel body refuses it with a 422."""
+    r = env.admin("POST", "/pairing-keys", json={"name": "k\x00"})
+    assert r.status_code == 422 and "NUL" in r.text
+    agent_id, cred = env.pair("web-1")
+    r = env.agent("POST", f"/agents/{agent_id}/heartbeat", cred,
+                  json={"status": "ok", "errors": [{"kind": "apply", "message": "x\x00y"}]})
+    assert r.status_code == 422 and "errors[0].message" in r.text

@@ -19,6 +19,7 @@ from bulkhead.server.auth import Principal
 from bulkhead.server.db import Database
 from bulkhead.server.deps import PrincipalDep, SessionDep, bearer, get_db, get_settings
 from bulkhead.server.errors import DomainError, Forbidden, Unauthorized
+from bulkhead.server.schemas.policy import Input
 from bulkhead.server.services import users as svc
 
 router = APIRouter(tags=["auth"])
@@ -35,8 +36,7 @@ def any_user(principal: PrincipalDep) -> Principal:
 UserDep = Annotated[Principal, Depends(any_user)]
 
 
-class LoginRequest(BaseModel):
-    model_config = {"extra": "forbid"}
+class LoginRequest(Input):
     name: str = Field(min_length=1, max_length=64)
     password: str = Field(min_length=1, max_length=svc.MAX_PASSWORD)
 
@@ -56,8 +56,7 @@ class Me(BaseModel):
     permissions: list[str]
 
 
-class PasswordChange(BaseModel):
-    model_config = {"extra": "forbid"}
+class PasswordChange(Input):
     current_password: str = Field(min_length=1, max_length=svc.MAX_PASSWORD)
     new_password: str = Field(min_length=svc.MIN_PASSWORD, max_length=svc.MAX_PASSWORD)
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from bulkhead.server.api.traffic import PolicyLoaderDep, StoreDep
 from bulkhead.server.auth import Principal
 from bulkhead.server.deps import SessionDep, require
+from bulkhead.server.schemas.policy import Input
 from bulkhead.server.services import generate as svc
 
 router = APIRouter(tags=["generate"])
@@ -20,7 +21,7 @@ Writer = Annotated[Principal, Depends(require("policy:write"))]
 TIME = "RFC 3339 with a zone, epoch seconds, or relative such as -24h"
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(Input):
     granularity: Literal["env", "app", "tier", "service", "process"] | None = None
     scope: dict[str, str] = Field(default_factory=dict, description="label selector")
     since: str | None = Field(None, max_length=64, description=TIME)
@@ -32,7 +33,7 @@ class GenerateRequest(BaseModel):
     policy: str = Field("draft", max_length=40, description="draft, active, or a version")
 
 
-class ApplyRequest(BaseModel):
+class ApplyRequest(Input):
     rulesets: list[dict[str, Any]] = Field(default_factory=list, max_length=10_000)
     ip_lists: list[dict[str, Any]] = Field(default_factory=list, max_length=10_000)
     services: list[dict[str, Any]] = Field(default_factory=list, max_length=10_000)

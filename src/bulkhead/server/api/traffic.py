@@ -20,13 +20,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from sqlalchemy.orm import Session
 
 from bulkhead.flows.store import FlowFilter, FlowStore
 from bulkhead.server.auth import Principal
 from bulkhead.server.deps import SessionDep, require
 from bulkhead.server.errors import FieldError, Forbidden, Invalid
+from bulkhead.server.schemas.policy import Input
 from bulkhead.server.services import traffic as svc
 
 router = APIRouter(tags=["traffic"])
@@ -120,7 +121,7 @@ def traffic_map(request: Request, session: SessionDep, store: StoreDep, _: Traff
     return svc.edges(store=store, filters=filters, level=level, limit=limit, approx=approx)
 
 
-class WhatIfRequest(BaseModel):
+class WhatIfRequest(Input):
     """`filters` uses the query-parameter keys of `GET /traffic`; filter keys may also be
     given at the top level."""
 

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal, get_args
 
 from fastapi import APIRouter, Depends, Path, Query, status
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import AwareDatetime, BaseModel, Field, StringConstraints, field_validator
 
 from bulkhead.policy.fileformat import KEY_RE
 from bulkhead.server.api.audit import MAX_ID
@@ -18,6 +18,7 @@ from bulkhead.server.auth import ROLES, Principal
 from bulkhead.server.db import utcnow
 from bulkhead.server.deps import SessionDep, require
 from bulkhead.server.models.users import ApiKey, User
+from bulkhead.server.schemas.policy import Input
 from bulkhead.server.services import users as svc
 
 router = APIRouter(tags=["users"])
@@ -44,8 +45,8 @@ KeyName = Annotated[str, StringConstraints(min_length=1, max_length=64,
                                            pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Strict(Input):
+    """Request bodies: unknown fields and NUL characters are refused."""
 
 
 class UserCreate(Strict):

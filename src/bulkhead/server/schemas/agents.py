@@ -8,9 +8,10 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from bulkhead.domain.addresses import canonical_ip
+from bulkhead.server.schemas.policy import Input
 
 Enforcement = Literal["idle", "visibility", "selective", "full"]
 OsName = Literal["linux", "windows"]
@@ -26,8 +27,7 @@ def _ips(values: list[str]) -> list[str]:
 
 
 # -- pairing keys -----------------------------------------------------------------------------
-class PairingKeyCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PairingKeyCreate(Input):
     name: Short = ""
     expires_in_s: float | None = Field(default=None, gt=0, le=366 * 86400,
                                        description="seconds from now; null: never expires")
@@ -58,8 +58,7 @@ class PairingKeyCreated(PairingKeyPublic):
 
 
 # -- activation -------------------------------------------------------------------------------
-class ActivateIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ActivateIn(Input):
     pairing_key: Annotated[str, Field(min_length=1, max_length=200)]
     hostname: Annotated[str, Field(pattern=HOSTNAME_PATTERN)]
     os: OsName = "linux"
@@ -92,8 +91,7 @@ class TamperReport(BaseModel):
     at: datetime | None = None
 
 
-class HeartbeatIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class HeartbeatIn(Input):
     status: Annotated[str, Field(pattern=r"^[a-z_]{1,20}$")] = "ok"
     applied_version: Annotated[str, Field(max_length=40)] | None = None
     enforcement: Enforcement | None = None  # the state actually programmed on the host
@@ -133,8 +131,7 @@ class Listening(BaseModel):
     unit: Annotated[str, Field(max_length=256)] | None = None
 
 
-class InventoryIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class InventoryIn(Input):
     hostname: Annotated[str, Field(pattern=HOSTNAME_PATTERN)]
     os: OsName = "linux"
     interfaces: Annotated[list[Interface], Field(max_length=256)] = []
@@ -172,8 +169,7 @@ class AgentPublic(BaseModel):
     unpair_final_state: str | None
 
 
-class UnpairIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class UnpairIn(Input):
     final_state: Literal["remove", "keep"] = "remove"
 
 
