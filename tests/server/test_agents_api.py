@@ -558,6 +558,33 @@ def test_policy_long_poll_returns_on_change_without_holding_a_session(env: Env) 
     assert hosts == frozenset({"10.0.0.9", "10.0.0.10"})
 
 
+def test_unpairing_answers_a_parked_long_poll_at_once(env: Env) -> None:
+    env.state.load(1, _policy())
+    agent_id, cred = env.pair("web-1")
+    known = env.state.snapshot("web-1").label
+    result: dict[str, Any] = {}
+
+    def poll() -> None:
+        t = time.monotonic()
+        r = env.agent("GET", f"/agents/{agent_id}/policy", cred,
+                      params={"known": known, "wait": 4})
+        result.update(response=r, seconds=time.monotonic() - t)
+
+    th = threading.Thread(target=poll)
+    th.start()
+    deadline = time.monotonic() + 3
+    while env.state.waiting() == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert env.state.waiting() == 1
+    r = env.admin("POST", f"/agents/{agent_id}/unpair", json={"final_state": "keep"})
+    assert r.status_code == 200, r.text
+    th.join(5)
+    assert result["response"].status_code == 403 and result["seconds"] < 3
+    assert "unpaired" in result["response"].text
+    beat = env.agent("POST", f"/agents/{agent_id}/heartbeat", cred, json={"status": "ok"})
+    assert beat.json()["unpair"] == {"final_state": "keep"}
+
+
 def test_policy_long_poll_times_out_with_304(env: Env) -> None:
     env.state.load(1, _policy())
     agent_id, cred = env.pair("web-1")

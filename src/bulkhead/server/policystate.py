@@ -44,6 +44,7 @@ class PolicyState:
         self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]]
         self._waiters = {}
         self._owners: dict[str, str] | None = None
+        self._unpaired: set[int] = set()
 
     # -- mutations (request threads) ----------------------------------------------------------
     def load(self, version: int | None, policy: Policy) -> set[str]:
@@ -77,6 +78,18 @@ class PolicyState:
             self._owners = None
             self._bump(changed)
             return changed
+
+    def unpaired(self, agent_id: int, name: str) -> None:
+        """Agent `agent_id` (of workload `name`) was unpaired: its parked long-polls return
+        now and `is_unpaired` tells them (agents authenticate per request, so only polls in
+        flight need this)."""
+        with self._lock:
+            self._unpaired.add(agent_id)
+            for loop, fut in self._waiters.pop(name, []):
+                loop.call_soon_threadsafe(_wake, fut)
+
+    def is_unpaired(self, agent_id: int) -> bool:
+        return agent_id in self._unpaired
 
     def _bump(self, names: set[str]) -> None:
         for n in names:

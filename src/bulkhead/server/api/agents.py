@@ -267,6 +267,8 @@ async def get_policy(agent_id: AgentId, caller: AgentDep, request: Request,
             snap = await ps.wait_for_change(caller.workload, known, timeout)
         finally:
             LONG_POLLS.dec()
+        if ps.is_unpaired(caller.id):
+            raise Forbidden("this agent is unpaired")
     else:
         snap = ps.snapshot(caller.workload)
     headers = {"ETag": f'"{snap.label}"', "Cache-Control": "no-store"}

@@ -45,6 +45,7 @@ from bulkhead.dataplane.wire import peers_to_data, to_data
 from bulkhead.flows.schema import TS_TYPE, FlowBatchError, name_workloads, validate_batch
 from bulkhead.policy.fileformat import NAME_RE
 from bulkhead.server.auth import AGENT_PERMISSIONS, Principal, new_token, token_digest
+from bulkhead.server.db import after_commit as db_after_commit
 from bulkhead.server.db import utcnow
 from bulkhead.server.errors import (
     Conflict,
@@ -330,6 +331,9 @@ def unpair(session: Session, *, actor: Principal, agent_id: int, final_state: st
                      managed=False, state=state)
     audit(session, actor=actor, action="agent.unpair", target=f"agent:{agent.id}",
           after={"workload": agent.workload_name, "final_state": final_state})
+    if state is not None:  # a parked long-poll answers 403 at once: the agent asks now
+        agent_id, workload = agent.id, agent.workload_name
+        db_after_commit(session, lambda: state.unpaired(agent_id, workload))
     return agent
 
 
