@@ -261,7 +261,7 @@ def _integer(name: str, col: pa.ChunkedArray, target: pa.DataType,
         value = col[row].as_py() if row is not None else None
         issues.append(Issue(name, row, f"{value} is out of range {lo}..{hi}"))
         return None
-    return pc.cast(col, target)
+    return col if col.type == target else pc.cast(col, target)
 
 
 def _timestamp(name: str, col: pa.ChunkedArray, issues: list[Issue]) -> pa.ChunkedArray | None:
@@ -273,6 +273,8 @@ def _timestamp(name: str, col: pa.ChunkedArray, issues: list[Issue]) -> pa.Chunk
         issues.append(Issue(name, None, "timestamp without a time zone (send UTC: "
                                         "timestamp[us, tz=UTC])"))
         return None
+    if t == TS_TYPE:
+        return col
     opts = pc.CastOptions(TS_TYPE, allow_time_truncate=True)
     return pc.cast(col, options=opts)
 

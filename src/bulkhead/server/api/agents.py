@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Annotated, Any
@@ -18,7 +20,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from bulkhead.server.auth import Principal
+from bulkhead.server.auth import Principal, token_digest
 from bulkhead.server.db import utcnow
 from bulkhead.server.deps import SessionDep, SettingsDep, bearer, get_db, require
 from bulkhead.server.errors import DomainError, Forbidden, Unauthorized
@@ -79,15 +81,52 @@ router = APIRouter(tags=["agents"], lifespan=lifespan)
 
 
 # -- dependencies -----------------------------------------------------------------------------
+CALLER_TTL_S = 30.0
+
+
+class CallerCache:
+    """Paired agents by credential digest, for `CALLER_TTL_S`: a flow upload need not read
+    the database to authenticate. Exact because an agent's only transition is paired ->
+    unpaired, which `PolicyState.unpaired` records at commit in this (the only) process:
+    an entry of an unpaired agent is never used."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[float, svc.Caller]] = {}
+
+    def get(self, digest: str, state: PolicyState) -> svc.Caller | None:
+        with self._lock:
+            hit = self._entries.get(digest)
+        if hit is None or hit[0] < time.monotonic() or state.is_unpaired(hit[1].id):
+            return None
+        return hit[1]
+
+    def put(self, digest: str, caller: svc.Caller) -> None:
+        if caller.state != "paired":
+            return
+        with self._lock:
+            if len(self._entries) > 100_000:
+                self._entries.clear()
+            self._entries[digest] = (time.monotonic() + CALLER_TTL_S, caller)
+
+
 def agent_caller(request: Request) -> svc.Caller:
-    """The calling agent, from its credential, in a transaction of its own."""
+    """The calling agent, from its credential (cached, else in a transaction of its own)."""
     token = bearer(request)
     if token is None:
         raise Unauthorized("missing bearer token")
-    with get_db(request).transaction() as session:
-        caller = svc.authenticate(session, token)
+    cache: CallerCache | None = getattr(request.app.state, "agent_callers", None)
+    if cache is None:
+        cache = request.app.state.agent_callers = CallerCache()
+    digest = token_digest(token)
+    ps = policy_state(request)
+    caller = cache.get(digest, ps)
     if caller is None:
-        raise Unauthorized("invalid or revoked agent credential")
+        with get_db(request).transaction() as session:
+            caller = svc.authenticate(session, token)
+        if caller is None:
+            raise Unauthorized("invalid or revoked agent credential")
+        cache.put(digest, caller)
     request.state.principal = caller.principal
     return caller
 
