@@ -581,8 +581,14 @@ def test_unpairing_answers_a_parked_long_poll_at_once(env: Env) -> None:
     th.join(5)
     assert result["response"].status_code == 403 and result["seconds"] < 3
     assert "unpaired" in result["response"].text
+    # the credential was cached by the earlier calls: unpairing still takes effect at once
+    up = env.agent("POST", f"/agents/{agent_id}/flows", cred,
+                   json={"batch_id": "after-unpair", "flows": _flows(3)})
+    assert up.status_code == 403
     beat = env.agent("POST", f"/agents/{agent_id}/heartbeat", cred, json={"status": "ok"})
     assert beat.json()["unpair"] == {"final_state": "keep"}
+    again = env.agent("POST", f"/agents/{agent_id}/heartbeat", cred, json={"status": "ok"})
+    assert again.status_code == 401  # told once, then the credential is gone
 
 
 def test_policy_long_poll_times_out_with_304(env: Env) -> None:
