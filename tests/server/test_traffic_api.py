@@ -259,3 +259,8 @@ def test_the_service_parses_label_selectors_and_relative_times() -> None:
     assert f.src_labels == (("app", ("shop", "blog", "x")),)
     assert f.dst_labels == (("env", ("prod",)),)
     assert f.workloads == ("a", "b") and f.start is not None
+
+
+def test_a_relative_time_out_of_range_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        traffic_svc.parse_time("-999999999d")

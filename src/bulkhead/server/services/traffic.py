@@ -109,7 +109,10 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
     m = _RELATIVE.match(text.strip())
     if m:
         now = now or datetime.now(UTC)
-        return now - timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+        try:
+            return now - timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+        except OverflowError:
+            raise ValueError(f"time out of range: {text!r}") from None
     try:
         return datetime.fromtimestamp(parse_ts(text), UTC)
     except (OverflowError, OSError):
