@@ -42,6 +42,9 @@ def test_root_redirects_and_files_are_served_with_a_strict_policy(shop: Live) ->
     r = httpx.get(shop.url + "/console/%2e%2e/%2e%2e/api/console.py")
     assert r.status_code == 404
     assert r.json()["detail"].startswith("path:")
+    # a NUL byte is a 404 like any missing file, not a server error
+    assert httpx.get(shop.url + "/console/js/app%00.js").status_code == 404
+    assert httpx.get(shop.url + "/console/a%00b").status_code == 404
 
 
 def test_every_module_the_console_imports_is_served(shop: Live) -> None:

@@ -82,3 +82,14 @@ def test_generate_bad_input_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_text("src_ip,dst_ip,proto,dst_port,ts\n10.0.1.1,10.0.1.2,tcp,80,yesterday\n")
     code, _, err = run("policy", "generate", str(src), "--flows", str(bad), "--out", out)
     assert code == 1 and ":2: ts:" in err
+
+
+def test_an_unwritable_output_is_a_clear_error_and_writes_nothing(tmp_path: Path) -> None:
+    src, flows = _inputs(tmp_path)
+    report = tmp_path / "report.json"
+    code, _, err = run("policy", "generate", str(src), "--flows", str(flows),
+                         "--out", str(tmp_path / "missing" / "draft.yaml"),
+                         "--report", str(report))
+    assert code == 1
+    assert "cannot write" in err and "missing" in err
+    assert not report.exists() and not list(tmp_path.glob(".*.tmp"))

@@ -101,6 +101,8 @@ def test_permissions_and_bad_input(client_as: Callable[..., TestClient]) -> None
     assert r.status_code == 422
     r = viewer.post(f"{API}/generate", json={"since": "yesterday"})
     assert r.status_code == 422 and "since" in r.text
+    r = viewer.post(f"{API}/generate", json={"until": "-999999d"})  # overflows: not a 500
+    assert r.status_code == 422 and r.json()["errors"][0]["path"] == "until"
     r = viewer.post(f"{API}/generate", json={"noise": ["gossip"]})
     assert r.status_code == 422 and "gossip" in r.text
     r = viewer.post(f"{API}/generate", json={"scope": {"team": "x"}})

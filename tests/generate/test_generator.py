@@ -273,6 +273,35 @@ def test_an_existing_deny_stays_the_operators_intent() -> None:
         assert c.report["coverage_train"] == 1.0
 
 
+def test_generalised_rules_never_override_an_existing_deny() -> None:
+    # an allow beats a plain deny: an `app` ring-fence (service any) over app0 would let the
+    # denied api -> db tcp/5432 through unless the rule falls back to its exact edges
+    deny = Ruleset("boundaries", (Rule("deny", (Actor("labels", Selector.of(
+        {"role": "api", "app": "app0"})),), (Actor("labels", Selector.of(
+            {"role": "db", "app": "app0"})),), ("tcp/5432",), id="no-api-db"),))
+    p = replace(POLICY, rulesets=(deny,))
+    r = generate(p, FLOWS, Options(granularity="app", tolerances=(0.0, 0.5)))
+    for c in r.candidates:
+        d = Evaluator(as_fully_enforced(c.draft)).decide(
+            Flow(_ip("app0-prod-api-1"), _ip("app0-prod-db-1"), 6, 5432))
+        assert d.decision == "blocked_by_deny", (c.name, d)
+        assert c.report["overrides_deny"] == []
+        assert c.report["coverage_train"] == 1.0
+        assert _allowed(c.draft, _ip("app1-prod-api-1"), _ip("app1-prod-db-1"), 5432)
+
+
+def test_process_services_whose_names_sanitise_alike_stay_distinct() -> None:
+    from types import SimpleNamespace
+
+    from bulkhead.generate.build import _Services
+
+    ctx = SimpleNamespace(opts=Options(), policy=Policy())
+    svcs = _Services(ctx, 0.0)  # type: ignore[arg-type]
+    a, b = svcs.refs([("tcp/80", "my app")]), svcs.refs([("tcp/80", "my-app")])
+    assert a != b
+    assert {svcs.named[a[0]].process, svcs.named[b[0]].process} == {"my app", "my-app"}
+
+
 def test_env_granularity_recovers_the_environment_fence() -> None:
     policy, intents = syn.estate(apps=2, envs=("prod", "staging"))
     f = syn.flows(policy, intents, 6000, start=T0, duration=DAY, seed=5)

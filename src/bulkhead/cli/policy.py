@@ -319,6 +319,23 @@ def _train_until(text: str | None) -> float | None:
         raise typer.BadParameter(str(exc), param_hint="--train-until") from None
 
 
+def _write_all(files: list[tuple[Path, str]]) -> None:
+    """Write every file or none: each goes to a temporary file first, renamed at the end."""
+    done: list[Path] = []
+    try:
+        for path, text in files:
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            done.append(tmp)
+        for (path, _), tmp in zip(files, done, strict=True):
+            tmp.replace(path)
+    except OSError as exc:
+        for tmp in done:
+            tmp.unlink(missing_ok=True)
+        typer.echo(f"cannot write {exc.filename or ''}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(1) from None
+
+
 @app.command()
 def generate(file: Path,
              flows: Path = typer.Option(..., "--flows", help="CSV with src_ip,dst_ip,proto,"
@@ -374,10 +391,11 @@ def generate(file: Path,
     chosen = result.candidates[result.recommended]
     text = dump_policy(chosen.draft, "json" if out.suffix == ".json" else "yaml")
     loads_policy(text, str(out))  # the draft must load with every other command
-    out.write_text(text, encoding="utf-8")
     data = result.full_report()
+    files = [(out, text)]
     if report is not None:
-        report.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        files.append((report, json.dumps(data, indent=2) + "\n"))
+    _write_all(files)
     test = data["coverage_test"]
     typer.echo(f"{out}: {chosen.name}: {data['rules']} rules, coverage train "
                f"{data['coverage_train']:.3f}, test "

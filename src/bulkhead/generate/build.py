@@ -7,7 +7,7 @@ each remembering the exact rules it stands for, so evidence follows every rule t
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -22,12 +22,17 @@ from bulkhead.generate.generator import (
     _spec,
     ceil_share,
     confidence,
+    external_lists,
     rule,
 )
 from bulkhead.generate.lattice import Atom, generalise, port_ranges
+from bulkhead.policy.batch import BatchEvaluator
+from bulkhead.policy.evaluate import DECISIONS
 from bulkhead.policy.resolve import exe_name
 
 SvcAtom = tuple[str, str | None]  # (port spec, process)
+ACROSS = DECISIONS.index("allowed_across_boundary")
+BLOCKED_BY_DENY = DECISIONS.index("blocked_by_deny")
 
 
 @dataclass
@@ -38,6 +43,9 @@ class Rec:
     def add(self, ids: list[int], unobserved: float) -> None:
         self.ids += ids
         self.unobserved = max(self.unobserved, unobserved)
+
+
+Final = tuple[bool, list[Atom], list[Atom], tuple[str, ...], Rec]  # core?, cons, provs, services
 
 
 def _svc_atoms(ctx: Context, gran: str) -> tuple[list[SvcAtom], np.ndarray]:
@@ -100,7 +108,8 @@ class _Services:
         if proc is None:
             return spec
         name = _name(f"{self.prefix}-{proc}-{spec.replace('/', '-')}")
-        while name in self.taken:
+        # names are sanitised: "my app" and "my-app" must not share (and overwrite) one
+        while name in self.taken or (name in self.named and self.named[name].process != proc):
             name += "-g"
         self.named[name] = Service(name, (spec,), process=proc)
         return name
@@ -158,15 +167,91 @@ def build_candidate(ctx: Context, gran: str, tol: float) -> Candidate:
         for rec in by_c.values():
             total.add(rec.ids, rec.unobserved)
         merged2[(tag, frozenset(by_c), refs)][p2] = total
-    finals: list[tuple[bool, list[Atom], list[Atom], tuple[str, ...], Rec]] = []
+    finals: list[Final] = []
     for (tag, cons, refs), by_p in merged2.items():
         total = Rec()
         for rec in by_p.values():
             total.add(rec.ids, rec.unobserved)
         finals.append((tag, sorted(cons, key=repr), sorted(by_p, key=repr), refs, total))
     finals.sort(key=lambda f: (not f[0], repr(f[2]), repr(f[1]), f[3]))
-    return measure(ctx, gran, tol, *_assemble(ctx, finals, len(exact), inv), services.named,
-                   [str(a[1]) for f in finals for a in (*f[1], *f[2]) if a[0] == "ip_list"])
+    fmap = np.zeros(max(len(exact), 1), np.int64)
+    for r, f in enumerate(finals):
+        fmap[f[4].ids] = r
+    edge_final = fmap[inv] if len(g) else np.zeros(0, np.int64)
+    rulesets, evidence = _assemble(ctx, finals, edge_final)
+    still: list[str] = []
+    if ctx.has_deny and finals:
+        # a generalised allow must not let through what an existing deny blocks (an allow
+        # beats a plain deny): such rules fall back to the exact edges they stand for
+        bad = _overriding(ctx, rulesets, evidence, finals, services.named)
+        if bad:
+            finals, edge_final = _exact_edges(ctx, gran, finals, edge_final, inv, bad, services)
+            rulesets, evidence = _assemble(ctx, finals, edge_final)
+            left = _overriding(ctx, rulesets, evidence, finals, services.named)
+            ids = list(evidence)
+            still = [ids[r] for r in sorted(left)]
+    cand = measure(ctx, gran, tol, rulesets, evidence, services.named, _list_names(finals))
+    cand.report["overrides_deny"] = still
+    return cand
+
+
+def _list_names(finals: list[Final]) -> list[str]:
+    return [str(a[1]) for f in finals for a in (*f[1], *f[2]) if a[0] == "ip_list"]
+
+
+def _overriding(ctx: Context, rulesets: tuple[Ruleset, ...], evidence: dict[str, dict[str, object]],
+                finals: list[Final], named: dict[str, Service]) -> set[int]:
+    """Finals whose rule turns a flow an existing deny blocks into an allowed one, probed over
+    the over-permission triples and the deny-blocked edges of both windows."""
+    draft = replace(ctx.base, rulesets=ctx.base.rulesets + rulesets,
+                    ip_lists=ctx.policy.ip_lists + external_lists(ctx, _list_names(finals)),
+                    services=ctx.policy.services + tuple(named[n] for n in sorted(named)))
+    ev = BatchEvaluator(draft)
+    results = [(ev.evaluate(t["src"], t["dst"], t["proto"], t["port"], process=t["process"]),
+                ctx.triples_base() == BLOCKED_BY_DENY) for t in [ctx.triples] if t["tested"]]
+    for edges, ok in ((ctx.train, ctx.train_ok), (ctx.test, ctx.test_ok)):
+        denied = edges.take(~ok)
+        if len(denied):
+            results.append((ctx.evaluate(ev, denied), np.ones(len(denied), np.bool_)))
+    rid = {r: i for i, r in enumerate(evidence)}
+    out: set[int] = set()
+    for res, was_denied in results:
+        hit = was_denied & (res.decision == ACROSS)
+        for pat in np.unique(res.pattern[hit]).tolist():
+            out.update(rid[r] for r in res.patterns[pat] if r in rid)
+    return out
+
+
+def _exact_edges(ctx: Context, gran: str, finals: list[Final], edge_final: np.ndarray,
+                 inv: np.ndarray, bad: set[int], services: _Services
+                 ) -> tuple[list[Final], np.ndarray]:
+    """`bad` finals replaced by one rule per (named consumer, named provider) over the exact
+    services of the edges they stood for."""
+    g, sv, ent_w = ctx.gen, ctx.enc.services, ctx.enc.entities.workload
+
+    def named(ent: int) -> Atom:
+        w = int(ent_w[ent])
+        return ("workload", ctx.workloads[w].name) if w >= 0 else ("ip_list", ctx.ext_name[ent])
+
+    keep = [r for r in range(len(finals)) if r not in bad]
+    remap = np.full(len(finals), -1, np.int64)
+    remap[keep] = np.arange(len(keep))
+    out = [finals[r] for r in keep]
+    new_final = remap[edge_final]
+    groups: dict[tuple[Atom, Atom], tuple[list[int], set[SvcAtom]]] = {}
+    for j in np.flatnonzero(np.isin(edge_final, list(bad))).tolist():
+        s = int(g.svc[j])
+        proc = sv.process[s]
+        a: SvcAtom = (_spec(int(sv.proto[s]), int(sv.port[s])),
+                      exe_name(proc) if gran == "process" and proc else None)
+        ids, svcs = groups.setdefault((named(int(g.src[j])), named(int(g.dst[j]))), ([], set()))
+        ids.append(j)
+        svcs.add(a)
+    for (c, p), (edges, svcs) in sorted(groups.items(), key=repr):
+        refs = tuple(sorted({r for a in sorted(svcs, key=repr) for r in services.refs([a])}))
+        new_final[edges] = len(out)
+        out.append((False, [c], [p], refs, Rec(sorted({int(inv[j]) for j in edges}), 0.0)))
+    return out, new_final
 
 
 def _ruleset_name(ctx: Context, tag: bool, providers: list[Atom]) -> str:
@@ -189,15 +274,11 @@ def _ruleset_name(ctx: Context, tag: bool, providers: list[Atom]) -> str:
     return f"{p}-{ {'ip_list': 'egress', 'workload': 'workloads', 'all': 'shared'}[kind] }"
 
 
-def _assemble(ctx: Context, finals: list[tuple[bool, list[Atom], list[Atom], tuple[str, ...],
-                                                Rec]], n_exact: int, inv: np.ndarray
+def _assemble(ctx: Context, finals: list[Final], final: np.ndarray
               ) -> tuple[tuple[Ruleset, ...], dict[str, dict[str, object]]]:
+    """Rulesets and evidence; `final` maps each generated edge to its final rule."""
     g = ctx.gen
-    fmap = np.zeros(max(n_exact, 1), np.int64)
-    for r, f in enumerate(finals):
-        fmap[f[4].ids] = r
     n_r = len(finals)
-    final = fmap[inv] if len(g) else np.zeros(0, np.int64)
     flows = np.bincount(final, weights=g.flows, minlength=n_r)
     first = np.full(n_r, np.inf)
     last = np.full(n_r, -np.inf)

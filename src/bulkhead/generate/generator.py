@@ -52,7 +52,7 @@ from bulkhead.domain.ports import ICMP_PROTOS, PORTED, PROTO_NAMES
 from bulkhead.generate.encode import Edges, Encoded, FlowColumns, aggregate, encode
 from bulkhead.generate.lattice import Atom, LabelIndex, Sel
 from bulkhead.generate.noise import DEFAULT_NOISE, NOISE_FILTERS, check_names, service_filter
-from bulkhead.policy.batch import BatchEvaluator
+from bulkhead.policy.batch import BatchEvaluator, BatchResult
 from bulkhead.policy.evaluate import DECISIONS, as_fully_enforced
 from bulkhead.policy.intent import run_tests
 
@@ -221,11 +221,16 @@ class Context:
         self._atoms: dict[tuple[str, ...], tuple[list[Atom], npt.NDArray[np.int64]]] = {}
         self._indexes: dict[tuple[str, ...], LabelIndex] = {}
         self.triples = self._triples()
+        self.has_deny = any(r.action == "deny" for rs in policy.rulesets for r in rs.rules)
+        self._triples_base: npt.NDArray[np.uint8] | None = None
 
     # -- helpers ---------------------------------------------------------------------------
     def decide(self, ev: BatchEvaluator, edges: Edges) -> npt.NDArray[np.uint8]:
         if len(edges) == 0:
             return np.zeros(0, np.uint8)
+        return self.evaluate(ev, edges).decision
+
+    def evaluate(self, ev: BatchEvaluator, edges: Edges) -> BatchResult:
         sv = self.enc.services
         procs = np.asarray(sv.process, dtype=object)[edges.svc].tolist()
         v4 = self.ent_v4
@@ -235,9 +240,8 @@ class Context:
         else:
             ips = np.asarray(self.enc.entities.ips, dtype=object)
             src, dst = ips[edges.src].tolist(), ips[edges.dst].tolist()
-        res = ev.evaluate(src, dst, sv.proto[edges.svc], sv.port[edges.svc],
-                          process=procs if any(p is not None for p in sv.process) else None)
-        return res.decision
+        return ev.evaluate(src, dst, sv.proto[edges.svc], sv.port[edges.svc],
+                           process=procs if any(p is not None for p in sv.process) else None)
 
     def _noise_report(self, mask: npt.NDArray[np.bool_]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -344,6 +348,14 @@ class Context:
                 key = (self.labels[w]["app"], self.labels[w].get("env", ""))
                 out[i] = table.setdefault(key, len(table))
         return out
+
+    def triples_base(self) -> npt.NDArray[np.uint8]:
+        """The input policy's decisions over the over-permission triples (computed once)."""
+        if self._triples_base is None:
+            t = self.triples
+            self._triples_base = BatchEvaluator(self.base).evaluate(
+                t["src"], t["dst"], t["proto"], t["port"], process=t["process"]).decision
+        return self._triples_base
 
     # -- over-permission universe -----------------------------------------------------------
     def _triples(self) -> dict[str, Any]:

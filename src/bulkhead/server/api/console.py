@@ -39,7 +39,10 @@ def resolve(path: str) -> Path | None:
     """The file for a console path; any path without an extension is the app shell; None
     for a path outside the console directory or a missing file."""
     base = STATIC.resolve()
-    target = (base / path).resolve() if path else base / "index.html"
+    try:
+        target = (base / path).resolve() if path else base / "index.html"
+    except (ValueError, OSError):  # a NUL byte (%00), a symlink loop, a name too long
+        return None
     if not target.is_relative_to(base):
         return None
     if not target.suffix and not target.is_file():

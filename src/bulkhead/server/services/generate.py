@@ -36,7 +36,7 @@ def _time(text: str | None, field: str) -> datetime | None:
         return None
     try:
         return traffic_svc.parse_time(text)
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:  # "-999999d" overflows the date range
         raise Invalid(f"invalid {field}", [FieldError(field, str(exc))]) from None
 
 
