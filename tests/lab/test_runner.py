@@ -90,3 +90,76 @@ def test_traffic_generator_follows_its_schedule(tmp_path: Path) -> None:
     finally:
         resp.terminate()
         resp.wait(10)
+
+
+def test_down_leaves_a_directory_that_is_not_a_labs_alone(tmp_path: Path) -> None:
+    # BULKHEAD_LAB_DIR pointed at a directory of one's own: its logs/ and bin/ are not the lab's.
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "keep").write_text("mine")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "topology.yaml").write_text("hosts: []\n")
+    Lab(tmp_path).down()
+    assert (tmp_path / "logs" / "keep").read_text() == "mine"
+    assert (tmp_path / "bin").is_dir() and (tmp_path / "topology.yaml").exists()
+
+
+def test_down_removes_what_a_lab_wrote_in_its_state_dir(tmp_path: Path) -> None:
+    lab_dir = tmp_path / "lab"
+    lab = Lab(lab_dir)
+    lab_dir.mkdir()
+    (lab_dir / ".bulkhead-lab").write_text(lab.prefix)
+    for d in ("logs", "bin", "traffic"):
+        (lab_dir / d).mkdir()
+    (lab_dir / "logs" / "server.log").write_text("x")
+    lab.down(keep_logs=True)  # a failed up: the logs stay, and so does the marker
+    assert (lab_dir / "logs" / "server.log").exists() and not (lab_dir / "bin").exists()
+    lab.down()
+    assert not lab_dir.exists()
+
+
+def test_down_goes_on_past_a_cgroup_it_cannot_remove(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from bulkhead.lab import runner
+
+    lab = Lab(tmp_path / "lab")
+    calls: list[list[str]] = []
+    monkeypatch.setattr(runner, "cgroup2_mount", lambda: str(tmp_path / "cg"))
+    (tmp_path / "cg" / lab.prefix).mkdir(parents=True)
+    monkeypatch.setattr(runner, "_remove_cgroup_tree", lambda base: [f"cgroup {base}: busy"])
+    monkeypatch.setattr(lab, "_namespaces", lambda: [f"{lab.prefix}-web"])
+
+    def fake_run(argv: list[str], **_: object) -> subprocess.CompletedProcess[str]:
+        calls.append(list(argv))
+        return subprocess.CompletedProcess(argv, 0 if argv[:2] == ["ip", "link"] else 1, "", "")
+
+    monkeypatch.setattr(runner, "_run", fake_run)
+    with pytest.raises(runner.LabError, match=r"teardown incomplete: cgroup .*busy"):
+        lab.down()
+    # the namespaces and the gateway link were still removed
+    assert ["ip", "netns", "del", f"{lab.prefix}-web"] in calls
+    assert ["ip", "link", "del", f"{lab.prefix}gw"] in calls
+
+
+def test_a_failed_up_says_when_its_cleanup_failed_too(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from bulkhead.lab import runner
+
+    topo = tmp_path / "t.yaml"
+    topo.write_text("network: 10.90.0.0/24\nhosts: [{name: a}]\n")
+    lab = Lab(tmp_path / "lab")
+    real_down = lab.down
+
+    def build(*_: object, **__: object) -> None:
+        raise runner.LabError("agents not online")
+
+    def down(*, keep_logs: bool = False) -> list[str]:
+        if keep_logs:  # the cleanup after the failure
+            raise runner.LabError("cgroup busy")
+        return real_down()
+
+    monkeypatch.setattr(lab, "_build", build)
+    monkeypatch.setattr(lab, "down", down)
+    with pytest.raises(runner.LabError) as err:
+        lab.up(topo, agents=False)
+    assert "agents not online" in str(err.value) and "cgroup busy" in str(err.value)
+    real_down()

@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -66,8 +67,33 @@ def _serve_recorded(console: Console, s: Summary, rec: Recorded) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a stopped service, `timeout`) unwinds like Ctrl-C, so the cleanup runs."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(topology: Path, *, live: bool | None, exit_: bool, traffic_s: float,
         summary_file: Path | None, console: Console) -> Summary:
+    with _sigterm_interrupts():
+        return _run(topology, live=live, exit_=exit_, traffic_s=traffic_s,
+                    summary_file=summary_file, console=console)
+
+
+def _run(topology: Path, *, live: bool | None, exit_: bool, traffic_s: float,
+         summary_file: Path | None, console: Console) -> Summary:
     why = _why_not_live()
     if live and why:
         raise typer.BadParameter(f"--live is not possible here: {why}")
@@ -86,7 +112,13 @@ def run(topology: Path, *, live: bool | None, exit_: bool, traffic_s: float,
             _serve_recorded(console, s, rec)
         return s
     from bulkhead.demo.live import run_live
+    from bulkhead.lab.runner import Lab
 
+    existing = Lab()
+    if existing.state_path.exists():  # the demo's lab would replace it (same network)
+        raise typer.BadParameter(
+            f"a lab is up ({existing.state_path}); take it down first with `bulkhead lab "
+            "down`, or run the demo on recorded flows with --recorded")
     lab = None
     try:
         s, lab = run_live(topology, console, traffic_s=traffic_s)
@@ -97,6 +129,9 @@ def run(topology: Path, *, live: bool | None, exit_: bool, traffic_s: float,
             _hold(console, s.console_url)
         return s
     finally:
+        # No second SIGTERM half-way through the teardown.
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if lab is not None:
             with console.status("removing the lab"):
                 lab.down()
@@ -123,7 +158,26 @@ def demo(topology: str = typer.Option(DEFAULT_TOPOLOGY, "--topology", "-t",
          ) -> None:
     """Run the story: visibility, labels, the map, generated policy tested on recorded
     traffic, enforcement, and an attack contained."""
+    from bulkhead.domain.errors import PolicyError
+    from bulkhead.lab.netns import NetnsError
+    from bulkhead.lab.runner import LabError
+    from bulkhead.lab.topology import load_topology
+
     console = Console()
-    s = run(_topology(topology), live=live, exit_=exit_, traffic_s=traffic_s,
-            summary_file=summary, console=console)
+    path = _topology(topology)
+    err = Console(stderr=True)
+    try:
+        load_topology(str(path))  # a bad file is a usage error, before anything starts
+    except PolicyError as exc:
+        err.print(f"[red]error:[/] invalid topology:\n{exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    try:
+        s = run(path, live=live, exit_=exit_, traffic_s=traffic_s, summary_file=summary,
+                console=console)
+    except (LabError, NetnsError) as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("interrupted (what the demo started was removed)")
+        raise typer.Exit(130) from None
     raise typer.Exit(0 if s.contained and s.legitimate_ok else 1)

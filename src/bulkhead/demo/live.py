@@ -53,8 +53,10 @@ def _count(lab: Any) -> tuple[int, int]:
 
 
 def _in_sync(lab: Any) -> tuple[int, int]:
-    agents = [a for a in lab.api("GET", "/agents?state=paired") or []]
-    return sum(1 for a in agents if a.get("in_sync")), len(agents)
+    """(agents that applied the active policy in full enforcement, paired agents)."""
+    agents = [a for a in lab.api("GET", "/agents?state=paired&limit=5000") or []]
+    return sum(1 for a in agents if a.get("in_sync") and
+               a.get("applied_enforcement") == "full"), len(agents)
 
 
 def _allowed(policy_yaml: str, probes: list[tuple[str, str, str]]) -> list[bool]:
@@ -183,6 +185,7 @@ def run_live(topology_path: Path, console: Console, *, traffic_s: float = 40.0,
             if ok == total or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
+    s.agents_enforcing, s.agents = ok, total
     console.print(f"version {s.provisioned_version} enforced by {ok}/{total} agents")
 
     step(console, 9, "Legitimate traffic, then the same attack, under full enforcement")

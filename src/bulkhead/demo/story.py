@@ -52,6 +52,8 @@ class Summary:
     legit_would_block: int = 0  # recorded flows the draft would block
     legit_flows_checked: int = 0
     provisioned_version: int | None = None
+    agents: int | None = None  # live: paired agents, and those that applied the policy in
+    agents_enforcing: int | None = None  # full enforcement before the probes of step 9
     legit_probes: int = 0  # legitimate edges probed after enforcement
     legit_failed: list[dict[str, str]] = field(default_factory=list)
     attack_before: list[dict[str, str]] = field(default_factory=list)  # reached before
@@ -110,7 +112,9 @@ def render(console: Console, s: Summary) -> None:
     t.add_row("tested", f"{s.legit_flows_checked:,} recorded flows: {s.legit_would_block} "
                         "would be blocked")
     if s.provisioned_version is not None:
-        t.add_row("provisioned", f"version {s.provisioned_version}, full enforcement")
+        on = "" if s.agents is None else f" applied by {s.agents_enforcing}/{s.agents} agents"
+        colour = "" if s.agents is None or s.agents_enforcing == s.agents else "[red]"
+        t.add_row("provisioned", f"{colour}version {s.provisioned_version}, full enforcement{on}")
     if s.legit_probes:
         t.add_row("legitimate", f"{s.legit_probes - len(s.legit_failed)}/{s.legit_probes} "
                                 "declared traffic edges still connect")

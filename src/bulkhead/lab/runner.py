@@ -53,6 +53,9 @@ __all__ = ["DEFAULT_STATE_DIR", "Lab", "LabError", "ProbeResult", "lab_prefix", 
 DEFAULT_STATE_DIR = "/run/bulkhead-lab"
 STATE_FILE = "state.json"
 TOPOLOGY_FILE = "topology.yaml"
+# Written first by `up`: only a state dir holding it (or the lab's state file) is the lab's,
+# so `down` never deletes a user's own ``logs/`` or ``bin/`` in a directory it was pointed at.
+MARKER_FILE = ".bulkhead-lab"
 # What the lab writes in its state dir (down removes these, and the dir when then empty).
 _OWNED = (STATE_FILE, TOPOLOGY_FILE, "bin", "server", "agents", "traffic", "logs")
 _TRAFFIC = Path(__file__).resolve().parent / "traffic.py"
@@ -246,6 +249,7 @@ class Lab:
         say("removing leftovers of an earlier lab")
         self.down()
         self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / MARKER_FILE).write_text(f"{self.prefix}\n", encoding="utf-8")
         (self.dir / TOPOLOGY_FILE).write_text(Path(topology).read_text(encoding="utf-8"),
                                               encoding="utf-8")
         self._state = {"version": 1, "prefix": self.prefix, "status": "starting",
@@ -256,9 +260,13 @@ class Lab:
         try:
             self._build(topo, server=server, api_key=api_key, agents=agents, labels=labels,
                         traffic=traffic, seed=seed, agent_timeout=agent_timeout, say=say)
-        except BaseException:
-            with contextlib.suppress(Exception):
+        except BaseException as exc:
+            try:
                 self.down(keep_logs=True)  # the error may point at a log
+            except Exception as cleanup:
+                if isinstance(exc, Exception):  # say so: something of the lab is still there
+                    raise LabError(f"{exc}\nand the cleanup after it failed: {cleanup} "
+                                   "(run `bulkhead lab down`)") from exc
             raise
         self._state["status"] = "up"
         self._save()
@@ -738,40 +746,58 @@ class Lab:
                 if pid.isdigit() and int(pid) != os.getpid():
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.kill(int(pid), signal.SIGKILL)
-        # 3. The cgroup tree, leaves first, killing what is left in it.
+        # 3. The cgroup tree, leaves first, killing what is left in it. A problem here or
+        # below does not stop the rest of the teardown; it is reported at the end.
+        problems: list[str] = []
         mount = cgroup2_mount()
         if mount is not None:
             base = Path(mount) / self.prefix
             if base.is_dir():
-                problems = _remove_cgroup_tree(base)
-                if problems:
-                    raise LabError("lab teardown incomplete: " + "; ".join(problems))
-                removed.append(f"cgroup {base}")
+                cg_problems = _remove_cgroup_tree(base)
+                problems += cg_problems
+                if not cg_problems:
+                    removed.append(f"cgroup {base}")
         # 4. Namespaces (veths and bridge go with them), then the gateway link.
         for ns in namespaces:
             cp = _run(["ip", "netns", "del", ns], timeout=10)
             if cp.returncode != 0 and os.path.exists(f"{NETNS_DIR}/{ns}"):
-                raise LabError(f"ip netns del {ns}: {cp.stderr.strip()}")
+                problems.append(f"ip netns del {ns}: {cp.stderr.strip()}")
+                continue
             removed.append(f"namespace {ns}")
         link = f"{self.prefix}gw"
         if _run(["ip", "link", "show", link]).returncode == 0:
             _run(["ip", "link", "del", link])
             removed.append(f"link {link}")
-        # 5. The files the lab wrote.
-        for name in _OWNED:
-            if keep_logs and name == "logs":
-                continue
-            path = self.dir / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            elif path.exists() or path.is_symlink():
-                path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            self.state_path.with_suffix(".tmp").unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            self.dir.rmdir()  # only when empty
+        if problems:
+            raise LabError("lab teardown incomplete: " + "; ".join(problems))
+        # 5. The files the lab wrote - only in a state dir that is the lab's.
+        if self._owns_dir():
+            for name in _OWNED:
+                if keep_logs and name == "logs":
+                    continue
+                path = self.dir / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                elif path.exists() or path.is_symlink():
+                    path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.state_path.with_suffix(".tmp").unlink(missing_ok=True)
+            if not keep_logs:
+                (self.dir / MARKER_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.dir.rmdir()  # only when empty
         self._state = None
         return removed
+
+    def _owns_dir(self) -> bool:
+        """Whether the state dir was set up by a lab (`up` writes the marker first)."""
+        if (self.dir / MARKER_FILE).is_file():
+            return True
+        try:
+            st = json.loads(self.state_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(st, dict) and st.get("prefix") == self.prefix
 
     def _namespaces(self) -> list[str]:
         try:

@@ -205,14 +205,17 @@ def dependency_map(*, session: Session, store: FlowStore | None, ref: str,
                       pc.is_in(groups.column("dst_workload"), value_set=keep))
         groups = groups.filter(pc.fill_null(mask, False))
     res = evaluate(ev, groups) if groups.num_rows else _empty_result()
-    edges = fold_edges(groups, res, limit=limit)
+    edges = fold_edges(groups, res, limit=limit + 1)  # one more: was anything cut off?
+    truncated = len(edges["src"]) > limit
+    if truncated:
+        edges = {k: v[:limit] for k, v in edges.items()}
     names = set(edges["src"]) | set(edges["dst"])
     nodes = {n: {"labels": dict(w.labels), "enforcement": w.enforcement, "managed": w.managed,
                  "ips": list(w.ips)}
              for n, w in workloads.items() if n in names}
     return {"policy": ref, "edges": edges, "workloads": nodes,
             "label_keys": sorted({k for w in workloads.values() for k, _ in w.labels}),
-            "truncated": len(edges["src"]) >= limit}
+            "truncated": truncated}
 
 
 def _empty_result() -> BatchResult:
