@@ -267,3 +267,22 @@ def test_other_firewall_managers_are_reported_in_every_heartbeat() -> None:
     core.handle(c.HeartbeatDone(101.1, True))
     out = core.handle(c.InventoryCollected(102.0, "fp", ()))
     assert only(out, c.Heartbeat).payload["errors"] == []
+
+
+def test_server_heartbeat_interval_is_followed_unless_configured() -> None:
+    # the server marks an agent offline after ~3 of its intervals: an agent that keeps a
+    # longer default would flap offline
+    follow = c.AgentCore(c.CoreConfig(heartbeat_s=300, flow_window_s=600,
+                                      server_heartbeat=True))
+    follow.handle(c.Started(0.0, paired=False, next_seq=0))
+    follow.handle(c.Activated(1.0, ok=True, heartbeat_s=30.0))
+    follow.handle(c.HeartbeatDone(2.0, True))
+    out = follow.handle(c.InventoryCollected(2.0, "fp"))
+    assert follow.s.next_heartbeat == 32.0 and only(out, c.Sleep).until <= 32.0
+    follow.handle(c.HeartbeatDone(40.0, True, heartbeat_s=20.0))  # changed on the server
+    assert follow.s.next_heartbeat == 60.0
+    fixed = c.AgentCore(c.CoreConfig(heartbeat_s=300, flow_window_s=600))
+    fixed.handle(c.Started(0.0, paired=False, next_seq=0))
+    fixed.handle(c.Activated(1.0, ok=True, heartbeat_s=30.0))
+    fixed.handle(c.HeartbeatDone(2.0, True, heartbeat_s=30.0))
+    assert fixed.s.next_heartbeat == 302.0

@@ -43,6 +43,20 @@ def _problem(resp: httpx.Response) -> str:
     return str(data)[:300]
 
 
+def _json(resp: httpx.Response, method: str, path: str) -> dict[str, Any]:
+    """The answer's JSON object; anything else (a proxy's HTML page, a cut body) is a
+    retryable ChannelError, not a crash of the calling loop."""
+    try:
+        data = resp.json()
+    except ValueError as exc:
+        raise ChannelError(f"{method} {path}: HTTP {resp.status_code}: answer is not JSON: "
+                           f"{exc}", status=resp.status_code) from None
+    if not isinstance(data, dict):
+        raise ChannelError(f"{method} {path}: HTTP {resp.status_code}: answer is not a JSON "
+                           f"object", status=resp.status_code)
+    return data
+
+
 class AgentClient:
     def __init__(self, server: str, *, timeout: float = 10.0,
                  transport: httpx.BaseTransport | None = None) -> None:
@@ -99,22 +113,25 @@ class AgentClient:
         resp = self._request("POST", "/agents/activate", auth=False, json={
             "pairing_key": pairing_key, "hostname": hostname, "os": os, "ips": ips[:64],
             "agent_version": agent_version})
-        data: dict[str, Any] = resp.json()
+        data = _json(resp, "POST", "/agents/activate")
+        for key, kind in (("agent_id", int), ("credential", str), ("workload", str)):
+            if not isinstance(data.get(key), kind):
+                raise ChannelError(f"POST /agents/activate: answer field {key}: expected "
+                                   f"{kind.__name__}", status=resp.status_code)
         return data
 
     def heartbeat(self, payload: dict[str, Any]) -> dict[str, Any]:
-        data: dict[str, Any] = self._request("POST", self._me() + "/heartbeat",
-                                             json=payload).json()
-        return data
+        path = self._me() + "/heartbeat"
+        return _json(self._request("POST", path, json=payload), "POST", path)
 
     def inventory(self, inv: dict[str, Any]) -> None:
         self._request("PUT", self._me() + "/inventory", json=inv)
 
     def upload_flows(self, batch_id: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """JSON batch; the server de-duplicates by batch id, so a retry is always safe."""
-        data: dict[str, Any] = self._request("POST", self._me() + "/flows", json={
-            "batch_id": batch_id, "flows": rows}).json()
-        return data
+        path = self._me() + "/flows"
+        return _json(self._request("POST", path, json={"batch_id": batch_id, "flows": rows}),
+                     "POST", path)
 
     def fetch_policy(self, known: str | None, wait: float) -> tuple[str, Any] | None:
         """(version, wire document), or None when unchanged (304)."""
@@ -125,8 +142,8 @@ class AgentClient:
                              timeout=wait + 15.0, ok=(200, 304), params=params)
         if resp.status_code == 304:
             return None
-        data = resp.json()
-        if not isinstance(data, dict) or not isinstance(data.get("version"), str):
+        data = _json(resp, "GET", self._me() + "/policy")
+        if not isinstance(data.get("version"), str):
             raise ChannelError("policy answer without a version", retryable=True)
         return data["version"], data.get("compiled")
 

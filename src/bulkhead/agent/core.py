@@ -52,6 +52,9 @@ class CoreConfig:
     long_poll_s: float = 60.0
     backoff_min_s: float = 1.0
     backoff_max_s: float = 60.0
+    # follow the interval the server announces (activation, heartbeat answers): the server
+    # marks an agent offline after ~3 of its intervals; False: `heartbeat_s` was configured
+    server_heartbeat: bool = False
 
 
 # -- events ----------------------------------------------------------------------------------
@@ -74,7 +77,7 @@ class Activated:
     now: float
     ok: bool
     error: str = ""
-    heartbeat_s: float | None = None  # the server's interval (the configured one wins if set)
+    heartbeat_s: float | None = None  # the server's interval (see CoreConfig.server_heartbeat)
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ class HeartbeatDone:
     unpair: str | None = None  # final state: "remove" | "keep"
     unauthorized: bool = False
     error: str = ""
+    heartbeat_s: float | None = None  # the server's interval, as in Activated
 
 
 @dataclass(frozen=True)
@@ -283,6 +287,7 @@ class _State:
     heartbeat_in_flight: bool = False
     next_heartbeat: float = 0.0
     heartbeat_failures: int = 0
+    heartbeat_s: float | None = None  # the server's interval, when followed
     last_heartbeat: float | None = None
     next_tamper: float = 0.0
     checking: bool = False
@@ -387,6 +392,7 @@ class AgentCore:
         if ev.ok:
             s.paired = True
             s.activate_failures = 0
+            self._server_interval(ev.heartbeat_s)
             s.next_heartbeat = ev.now
             s.next_inventory = ev.now
             s.next_upload = ev.now
@@ -517,10 +523,11 @@ class AgentCore:
             s.heartbeat_failures = 0
             s.last_heartbeat = ev.now
             s.tamper.clear()  # delivered
-            s.next_heartbeat = ev.now + self.cfg.heartbeat_s
+            self._server_interval(ev.heartbeat_s)
+            s.next_heartbeat = ev.now + self._heartbeat_s()
         else:
             s.heartbeat_failures += 1
-            s.next_heartbeat = ev.now + min(self.cfg.heartbeat_s,
+            s.next_heartbeat = ev.now + min(self._heartbeat_s(),
                                             self._backoff(s.heartbeat_failures))
             out.append(Log("warning", "heartbeat failed", {"error": ev.error}))
 
@@ -554,6 +561,13 @@ class AgentCore:
             out.append(SendInventory(ev.fingerprint))
 
     # -- helpers -----------------------------------------------------------------------------
+    def _server_interval(self, seconds: float | None) -> None:
+        if self.cfg.server_heartbeat and isinstance(seconds, int | float) and seconds > 0:
+            self.s.heartbeat_s = max(1.0, float(seconds))
+
+    def _heartbeat_s(self) -> float:
+        return self.s.heartbeat_s or self.cfg.heartbeat_s
+
     def _refused(self, now: float, out: list[Command]) -> None:
         """A poll or upload was refused: maybe we were unpaired. Only the heartbeat can say
         (it delivers the unpair instruction once), so ask it now and hold the other calls."""

@@ -45,7 +45,7 @@ from bulkhead.agent.tamper import TamperWatch
 from bulkhead.dataplane.model import CompiledWorkload, Endpoint
 
 log = logging.getLogger("bulkhead.agent")
-COALESCE_S = 0.05  # sensor batching delay (NFLOG itself flushes every 10 ms)
+COALESCE_S = 0.05  # sensor batching delay: one wake-up per batch of netlink datagrams
 SERVED_TTL_S = 5.0  # how long a local port's serving process is trusted without a lookup
 
 
@@ -56,7 +56,7 @@ class AgentOptions:
     state_dir: Path
     hostname: str | None = None
     flow_window_s: float = 600.0
-    heartbeat_s: float | None = None  # None: the server's interval
+    heartbeat_s: float | None = None  # None: the server's interval (300 s until it says)
     tamper_every_s: float = 1.0
     inventory_every_s: float = 60.0
     long_poll_s: float = 60.0
@@ -188,7 +188,8 @@ class Runtime:
         self.core = c.AgentCore(c.CoreConfig(
             heartbeat_s=heartbeat, flow_window_s=opts.flow_window_s,
             tamper_every_s=opts.tamper_every_s, inventory_every_s=opts.inventory_every_s,
-            long_poll_s=opts.long_poll_s, backoff_max_s=min(60.0, max(5.0, heartbeat))))
+            long_poll_s=opts.long_poll_s, backoff_max_s=min(60.0, max(5.0, heartbeat)),
+            server_heartbeat=opts.heartbeat_s is None))
         self._last_status: dict[str, Any] | None = None
         self.sensing = False  # the sensor thread has its sockets open
         self.metrics: Any = None
@@ -229,12 +230,15 @@ class Runtime:
         except ImportError as exc:
             _log("error", "sensors unavailable: no flows will be reported", error=str(exc))
             return
+        ct: Any = None
         try:
             enable_accounting()
             self.resolver = ProcessResolver()
             ct = ConntrackSocket.events(NEW | DESTROY)
             nf = NflogSocket(self.opts.nflog_group)
         except OSError as exc:
+            if ct is not None:  # NFLOG failed: do not leak the conntrack socket
+                ct.close()
             _log("error", "cannot open netlink sockets: no flows", error=str(exc))
             return
         self.sensing = True
@@ -245,27 +249,30 @@ class Runtime:
             while not self.stop.is_set():
                 ready = {key.data for key, _ in sel.select(timeout=0.5)}
                 if ready:
-                    # let events gather: one wake-up and one recv per batch, not per event
-                    # (the 16 MB receive buffer holds seconds of them)
-                    time.sleep(COALESCE_S)
+                    # each conntrack event (and NFLOG packet) is its own datagram: let them
+                    # gather, so one wake-up drains many (the 16 MiB receive buffer holds
+                    # seconds of them). Waiting on `stop` keeps a shutdown from waiting out the
+                    # delay. An NFLOG wake waits too: a logged packet's conntrack entry follows
+                    # it within microseconds, and both must reach the summary together.
+                    if self.stop.wait(COALESCE_S):
+                        break
                     ready = {key.data for key, _ in sel.select(timeout=0)}
+                pkts = nf.read() if "nflog" in ready else []
+                evs = ct.read() if "ct" in ready else []
                 now = time.time()
-                if "nflog" in ready:
-                    pkts = nf.read()
-                    with self.lock:
-                        for p in pkts:
-                            self.summary.logged(p, now)
-                    self.stats["nflog_packets"] += len(pkts)
-                if "ct" in ready:
-                    evs = ct.read()
-                    with self.lock:
-                        for ev in evs:
-                            if ev.kind == "new":
-                                self.summary.connection(ev, now)
-                            else:
-                                self.summary.counters(ev, now)
-                    self.stats["ct_events"] += len(evs)
-                    self.stats["overruns"] = ct.overruns
+                # one lock hold: a window cannot close between a verdict and its connection
+                # (the verdict would be summarised as a drop, the connection once more)
+                with self.lock:
+                    for p in pkts:
+                        self.summary.logged(p, now)
+                    for ev in evs:
+                        if ev.kind == "new":
+                            self.summary.connection(ev, now)
+                        else:
+                            self.summary.counters(ev, now)
+                self.stats["nflog_packets"] += len(pkts)
+                self.stats["ct_events"] += len(evs)
+                self.stats["overruns"] = ct.overruns
         finally:
             sel.close()
             ct.close()
@@ -308,6 +315,10 @@ class Runtime:
             except ChannelError as exc:
                 self.events.put(c.PolicyFetched(time.time(), None, error=str(exc),
                                                 unauthorized=exc.unauthorized))
+                continue
+            except Exception as exc:  # this thread dying would end all polling
+                self.events.put(c.PolicyFetched(time.time(), None,
+                                                error=f"{type(exc).__name__}: {exc}"))
                 continue
             if got is None:
                 self.events.put(c.PolicyFetched(time.time(), None))
@@ -515,7 +526,8 @@ class Runtime:
                                    error=str(exc))
         unpair = data.get("unpair") or None
         final = unpair.get("final_state") if isinstance(unpair, dict) else None
-        return c.HeartbeatDone(time.time(), True, unpair=final)
+        return c.HeartbeatDone(time.time(), True, unpair=final,
+                               heartbeat_s=data.get("heartbeat_interval_s"))
 
     def _collect_inventory(self) -> c.Event:
         if self.inv_resolver is None:

@@ -33,7 +33,7 @@ Hostname = Annotated[str | None, typer.Option(
 Window = Annotated[float, typer.Option("--flow-window", min=0.2,
                                        help="Seconds per flow summary window.")]
 HeartbeatOpt = Annotated[float | None, typer.Option(
-    "--heartbeat", min=0.2, help="Seconds between heartbeats (default 300).",
+    "--heartbeat", min=0.2, help="Seconds between heartbeats (default: the server's interval).",
     show_default=False)]
 Metrics = Annotated[int | None, typer.Option(
     "--metrics-port", min=1, max=65535, help="Serve Prometheus /metrics on 127.0.0.1:PORT.",
@@ -45,6 +45,7 @@ def _run(server: str | None, pairing_key: str | None, state_dir: Path, hostname:
          flow_window: float, heartbeat: float | None, metrics_port: int | None,
          log_format: str) -> None:
     from bulkhead.agent.runtime import AgentOptions, Runtime, setup_logging
+    from bulkhead.agent.spool import SpoolError
 
     if log_format not in ("json", "text"):
         typer.echo(f"error: --log-format: {log_format!r} is not json or text", err=True)
@@ -59,7 +60,7 @@ def _run(server: str | None, pairing_key: str | None, state_dir: Path, hostname:
                                   heartbeat_s=heartbeat, metrics_port=metrics_port,
                                   tamper_every_s=1.0 if flow_window < 10 else 2.0,
                                   inventory_every_s=min(60.0, max(5.0, flow_window * 5))))
-    except (StateError, OSError) as exc:
+    except (StateError, SpoolError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     if rt.cred is None and not pairing_key:
