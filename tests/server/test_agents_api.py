@@ -529,7 +529,9 @@ def test_policy_returns_at_once_when_the_agent_is_behind(env: Env) -> None:
     assert plain.status_code == 200 and plain.json() == body
 
 
-def test_policy_long_poll_returns_on_change_without_holding_a_session(env: Env) -> None:
+def _parked_poll(env: Env) -> tuple[int, str, str, threading.Thread, dict[str, Any]]:
+    """web-1 paired and long-polling (4 s) in a thread, parked once this returns; the
+    thread fills `result` with the response and how long it took."""
     env.state.load(1, _policy())
     agent_id, cred = env.pair("web-1")
     known = env.state.snapshot("web-1").label
@@ -547,6 +549,11 @@ def test_policy_long_poll_returns_on_change_without_holding_a_session(env: Env) 
     while env.state.waiting() == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert env.state.waiting() == 1
+    return agent_id, cred, known, th, result
+
+
+def test_policy_long_poll_returns_on_change_without_holding_a_session(env: Env) -> None:
+    _, _, known, th, result = _parked_poll(env)
     assert env.db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     changed = _moved(env)()
     assert "web-1" in changed
@@ -559,23 +566,7 @@ def test_policy_long_poll_returns_on_change_without_holding_a_session(env: Env) 
 
 
 def test_unpairing_answers_a_parked_long_poll_at_once(env: Env) -> None:
-    env.state.load(1, _policy())
-    agent_id, cred = env.pair("web-1")
-    known = env.state.snapshot("web-1").label
-    result: dict[str, Any] = {}
-
-    def poll() -> None:
-        t = time.monotonic()
-        r = env.agent("GET", f"/agents/{agent_id}/policy", cred,
-                      params={"known": known, "wait": 4})
-        result.update(response=r, seconds=time.monotonic() - t)
-
-    th = threading.Thread(target=poll)
-    th.start()
-    deadline = time.monotonic() + 3
-    while env.state.waiting() == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert env.state.waiting() == 1
+    agent_id, cred, _, th, result = _parked_poll(env)
     r = env.admin("POST", f"/agents/{agent_id}/unpair", json={"final_state": "keep"})
     assert r.status_code == 200, r.text
     th.join(5)
