@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from bulkhead.domain.model import Policy, Workload
 from bulkhead.flows.store import FlowFilter, FlowStore
-from bulkhead.policy.batch import BatchEvaluator, BatchResult
+from bulkhead.policy.batch import BatchResult
 from bulkhead.policy.evaluate import DECISIONS
 from bulkhead.server.errors import FieldError, Invalid
 from bulkhead.server.services import traffic as traffic_svc
@@ -48,18 +48,6 @@ def decision_class(decision: str) -> str:
 
 # decision code -> class index
 _CLASS_OF = np.array([CLASSES.index(decision_class(d)) for d in DECISIONS], dtype=np.int64)
-
-
-def _col(table: pa.Table, name: str) -> list[Any]:
-    return table.column(name).to_pylist()  # type: ignore[no-any-return]
-
-
-def evaluate(ev: BatchEvaluator, table: pa.Table) -> BatchResult:
-    return ev.evaluate(
-        _col(table, "src_ip"), _col(table, "dst_ip"),
-        table.column("proto").to_numpy(zero_copy_only=False).astype(np.int16),
-        table.column("dst_port").to_numpy(zero_copy_only=False).astype(np.int32),
-        process=_col(table, "process"), unit=_col(table, "unit"), user=_col(table, "user"))
 
 
 def fold_edges(groups: pa.Table, res: BatchResult, *, limit: int = MAX_EDGES
@@ -204,7 +192,7 @@ def dependency_map(*, session: Session, store: FlowStore | None, ref: str,
         mask = pc.or_(pc.is_in(groups.column("src_workload"), value_set=keep),
                       pc.is_in(groups.column("dst_workload"), value_set=keep))
         groups = groups.filter(pc.fill_null(mask, False))
-    res = evaluate(ev, groups) if groups.num_rows else _empty_result()
+    res = traffic_svc.evaluate_table(ev, groups) if groups.num_rows else _empty_result()
     edges = fold_edges(groups, res, limit=limit + 1)  # one more: was anything cut off?
     truncated = len(edges["src"]) > limit
     if truncated:

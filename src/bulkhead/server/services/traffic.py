@@ -53,7 +53,7 @@ from bulkhead.flows.store import (
     decode_cursor,
     encode_cursor,
 )
-from bulkhead.policy.batch import SIDES, BatchEvaluator
+from bulkhead.policy.batch import SIDES, BatchEvaluator, BatchResult
 from bulkhead.policy.evaluate import DECISIONS
 from bulkhead.server.errors import DomainError, FieldError, Invalid
 
@@ -402,7 +402,8 @@ def _column(table: pa.Table, name: str) -> list[Any]:
     return table.column(name).to_pylist()  # type: ignore[no-any-return]
 
 
-def _evaluate(ev: BatchEvaluator, table: pa.Table) -> Any:
+def evaluate_table(ev: BatchEvaluator, table: pa.Table) -> BatchResult:
+    """Decide every row of a table with the deciding columns (`DECIDING`)."""
     return ev.evaluate(
         _column(table, "src_ip"), _column(table, "dst_ip"),
         table.column("proto").to_numpy(zero_copy_only=False).astype(np.int16),
@@ -420,7 +421,7 @@ def what_if_summary(ev: BatchEvaluator, groups: pa.Table) -> dict[str, Any]:
     if n == 0:
         return {"flows": 0, "connections": 0, "decisions": {}, "reported": {},
                 "changes": [], "rules": []}
-    res = _evaluate(ev, groups)
+    res = evaluate_table(ev, groups)
     decision = res.decision.astype(np.int64)
     k = len(DECISIONS)
     by_flows = np.bincount(decision, weights=flows, minlength=k)
@@ -463,7 +464,7 @@ def what_if_page(ev: BatchEvaluator, page: pa.Table) -> list[dict[str, Any]]:
     """The page's flows with their what-if decision, deciding side and matching rules."""
     if page.num_rows == 0:
         return []
-    res = _evaluate(ev, page)
+    res = evaluate_table(ev, page)
     keep = ["id", "ts", "src_ip", "dst_ip", "proto", "dst_port", "process", "unit", "user",
             "src_workload", "dst_workload", "connections", "bytes"]
     out = rows(page.select(keep))
