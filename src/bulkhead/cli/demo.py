@@ -40,13 +40,11 @@ def _why_not_live() -> str | None:
 
 
 def _hold(console: Console, url: str | None) -> None:
-    """Keep the lab and console up until Ctrl-C (or SIGTERM)."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    """Keep the lab and console up until Ctrl-C (or SIGTERM: see `_sigterm_interrupts`)."""
     console.print(f"\nThe console is up at [bold]{url}[/]. Press Ctrl-C to stop the demo "
                   "and remove the lab.")
     with contextlib.suppress(KeyboardInterrupt):
-        stop.wait()
+        threading.Event().wait()
 
 
 def _serve_recorded(console: Console, s: Summary, rec: Recorded) -> None:

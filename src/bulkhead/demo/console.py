@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-import signal
 import socket
 import threading
 from collections.abc import Callable
@@ -93,16 +92,15 @@ def serve_recorded(directory: Path, before: Policy, enforced: Policy,
     port = _free_port()
     announce(f"http://127.0.0.1:{port}/console/ (user admin, password {password})")
     app = create_app(settings, db=db, flows=store)
-    # served from a thread, so that SIGINT/SIGTERM reach this one and the caller cleans up
+    # served from a thread, so that Ctrl-C (and SIGTERM, which the demo command turns into
+    # KeyboardInterrupt) reaches this one and the caller cleans up
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                           log_level="warning"))
     thread = threading.Thread(target=server.run, name="demo-console", daemon=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     thread.start()
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            stop.wait()
+            threading.Event().wait()
     finally:
         server.should_exit = True
         thread.join(10)

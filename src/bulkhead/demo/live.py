@@ -9,12 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from bulkhead.demo.story import Probe, Summary, probe_table, reached, step
+from bulkhead.demo.story import Probe, Summary, allowed, probe_table, reached, step
+from bulkhead.policy.fileformat import loads_policy
 
 NOT_ALLOWED = ("potentially_blocked", "blocked")
 
@@ -57,27 +57,6 @@ def _in_sync(lab: Any) -> tuple[int, int]:
     agents = [a for a in lab.api("GET", "/agents?state=paired&limit=5000") or []]
     return sum(1 for a in agents if a.get("in_sync") and
                a.get("applied_enforcement") == "full"), len(agents)
-
-
-def _allowed(policy_yaml: str, probes: list[tuple[str, str, str]]) -> list[bool]:
-    """Whether the policy allows each (src_ip, dst_ip, "proto/port") with every workload in
-    full enforcement - to tell an attack's permitted reach from a leak."""
-    from bulkhead.domain.ports import PROTO_NUMBERS
-    from bulkhead.policy.batch import BatchEvaluator
-    from bulkhead.policy.evaluate import as_fully_enforced
-    from bulkhead.policy.fileformat import loads_policy
-
-    if not probes:
-        return []
-    policy = as_fully_enforced(loads_policy(policy_yaml, source="active policy"))
-    protos, ports = [], []
-    for _, _, spec in probes:
-        proto, _, port = spec.partition("/")
-        protos.append(PROTO_NUMBERS[proto])
-        ports.append(int(port) if port else -1)
-    res = BatchEvaluator(policy).evaluate([p[0] for p in probes], [p[1] for p in probes],
-                                          np.array(protos), np.array(ports))
-    return [res.row(i).decision.startswith("allowed") for i in range(len(probes))]
 
 
 def run_live(topology_path: Path, console: Console, *, traffic_s: float = 40.0,
@@ -206,10 +185,13 @@ def run_live(topology_path: Path, console: Console, *, traffic_s: float = 40.0,
     active.raise_for_status()
     hits = [p for p in after if p.reached]
     ips = {h.name: h.ip for h in topo.hosts}
-    s.attack_after_allowed = sum(_allowed(
-        active.text,
-        [(ips[p.source], ips.get(p.target, p.target.removeprefix("external:")), p.port)
-         for p in hits]))
+    rows = []
+    for p in hits:  # p.port is "tcp/22", or "icmp"
+        proto, _, port = p.port.partition("/")
+        rows.append((ips[p.source], ips.get(p.target, p.target.removeprefix("external:")),
+                     proto, int(port) if port else -1))
+    s.attack_after_allowed = sum(allowed(loads_policy(active.text, source="active policy"),
+                                         rows))
     server = lab.state()["server"]
     login = f"user {server.get('user', 'admin')}, password {server['password']}" \
         if server.get("password") else "log in with your own account"

@@ -14,7 +14,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from bulkhead.demo.story import Probe, Summary, probe_table, reached, step
+from bulkhead.demo.story import Probe, Summary, allowed, probe_table, reached, step
 from bulkhead.domain.model import Policy
 
 TRAIN_S = 2 * 3600.0  # the "visibility" period the policy is learned from
@@ -29,20 +29,6 @@ class Recorded:
     before: Policy  # the workloads as found (labelled), no rules
     draft: Policy  # plus the generated rules
     flows: list[dict[str, Any]]
-
-
-def _allowed(policy: Policy, rows: list[tuple[str, str, str, int]]) -> list[bool]:
-    """Whether each (src_ip, dst_ip, proto, port) is allowed with every workload enforcing."""
-    from bulkhead.domain.ports import PROTO_NUMBERS
-    from bulkhead.policy.batch import BatchEvaluator
-    from bulkhead.policy.evaluate import as_fully_enforced
-
-    if not rows:
-        return []
-    res = BatchEvaluator(as_fully_enforced(policy)).evaluate(
-        [r[0] for r in rows], [r[1] for r in rows],
-        np.array([PROTO_NUMBERS[r[2]] for r in rows]), np.array([r[3] for r in rows]))
-    return [res.row(i).decision.startswith("allowed") for i in range(len(rows))]
 
 
 def run_recorded(topology_path: Path, console: Console) -> tuple[Summary, Recorded]:
@@ -115,7 +101,7 @@ def run_recorded(topology_path: Path, console: Console) -> tuple[Summary, Record
 
     step(console, 5, "Test the draft against everything recorded")
     rows = [(f["src_ip"], f["dst_ip"], f["proto"], int(f["dst_port"])) for f in flows]
-    ok = _allowed(draft, rows)
+    ok = allowed(draft, rows)
     s.legit_flows_checked = len(rows)
     s.legit_would_block = ok.count(False)
     console.print(f"{s.legit_flows_checked:,} recorded flows: {s.legit_would_block} would be "
@@ -136,12 +122,12 @@ def run_recorded(topology_path: Path, console: Console) -> tuple[Summary, Record
         return target.startswith("external:") or \
             topo.host(target).serving(proto, port) is not None
 
-    allowed = _allowed(draft, [(topo.host(p[0]).ip, p[2], p[3], p[4]) for p in probes])
+    permitted = allowed(draft, [(topo.host(p[0]).ip, p[2], p[3], p[4]) for p in probes])
     before = [Probe(p[0], p[1], f"{p[3]}/{p[4]}",
                     "open" if listening(p[1], p[3], p[4]) else "closed") for p in probes]
     after = [Probe(b.source, b.target, b.port, "open" if b.reached and ok_ else
                    ("blocked" if not ok_ else b.result))
-             for b, ok_ in zip(before, allowed, strict=True)]
+             for b, ok_ in zip(before, permitted, strict=True)]
     console.print(probe_table("reached before (visibility)", [p for p in before if p.reached]))
     console.print(probe_table("reached after (full enforcement)", [p for p in after if p.reached]))
     s.attack_before, s.attack_after = reached(before), reached(after)
@@ -156,7 +142,7 @@ def run_recorded(topology_path: Path, console: Console) -> tuple[Summary, Record
                 ip = t_.removeprefix("external:") if t_.startswith("external:") \
                     else topo.host(t_).ip
                 legit.append((src, t_, ip, e.proto, e.port))
-    ok_legit = _allowed(draft, [(topo.host(x[0]).ip, x[2], x[3], x[4]) for x in legit])
+    ok_legit = allowed(draft, [(topo.host(x[0]).ip, x[2], x[3], x[4]) for x in legit])
     s.legit_probes = len(legit)
     s.legit_failed = [{"from": x[0], "to": x[1], "port": f"{x[3]}/{x[4]}"}
                       for x, good in zip(legit, ok_legit, strict=True) if not good]

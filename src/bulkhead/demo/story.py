@@ -11,8 +11,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
+
+from bulkhead.domain.model import Policy
 
 DEFAULT_TOPOLOGY = "shop.yaml"
 
@@ -79,6 +82,21 @@ class Summary:
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(self.as_dict(), indent=1) + "\n", encoding="utf-8")
         tmp.replace(path)
+
+
+def allowed(policy: Policy, rows: list[tuple[str, str, str, int]]) -> list[bool]:
+    """Whether each (src_ip, dst_ip, proto name, port; -1 for none) is allowed with every
+    workload in full enforcement (the evaluator decides, as the firewalls would)."""
+    from bulkhead.domain.ports import PROTO_NUMBERS
+    from bulkhead.policy.batch import BatchEvaluator
+    from bulkhead.policy.evaluate import as_fully_enforced
+
+    if not rows:
+        return []
+    res = BatchEvaluator(as_fully_enforced(policy)).evaluate(
+        [r[0] for r in rows], [r[1] for r in rows],
+        np.array([PROTO_NUMBERS[r[2]] for r in rows]), np.array([r[3] for r in rows]))
+    return [res.row(i).decision.startswith("allowed") for i in range(len(rows))]
 
 
 def step(console: Console, n: int, title: str) -> None:
