@@ -676,18 +676,10 @@ class Lab:
             attack = topo.attack(name)
         except KeyError as exc:
             raise UsageError(str(exc.args[0])) from None
-        net = self._netns(topo)
-        out: list[ProbeResult] = []
-        for src in attack.sources:
-            items = [(t, self._resolve(topo, t), proto, port)
-                     for t in attack.targets if t != src for proto, port in attack.ports]
-            try:
-                results = net.probe(src, [(ip, p, n) for _, ip, p, n in items], timeout=timeout)
-            except NetnsError as exc:
-                raise LabError(str(exc)) from exc
-            out += [ProbeResult(src, t, ip, _port_text(p, n), r)
-                    for (t, ip, p, n), r in zip(items, results, strict=True)]
-        return out
+        return self._probe_each(topo, {
+            src: [(t, self._resolve(topo, t), proto, port)
+                  for t in attack.targets if t != src for proto, port in attack.ports]
+            for src in attack.sources}, timeout)
 
     def probe_traffic(self, *, noise: bool = True, timeout: float = 1.5) -> list[ProbeResult]:
         """Probe every declared traffic (and noise) edge once: each source to each target.
@@ -704,6 +696,12 @@ class Lab:
                     item = (t, self._resolve(topo, t), e.proto, e.port)
                     if item not in per_source.setdefault(src, []):
                         per_source[src].append(item)
+        return self._probe_each(topo, per_source, timeout)
+
+    def _probe_each(self, topo: Topology,
+                    per_source: dict[str, list[tuple[str, str, str, int]]],
+                    timeout: float) -> list[ProbeResult]:
+        """Probe (target, ip, proto, port) items: one concurrent run per source host."""
         net = self._netns(topo)
         out: list[ProbeResult] = []
         for src, items in per_source.items():
