@@ -12,7 +12,6 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
-from types import TracebackType
 
 from bulkhead.agent.netlink import (
     NLM_F_DUMP,
@@ -20,6 +19,7 @@ from bulkhead.agent.netlink import (
     NLM_F_REQUEST,
     NetlinkError,
     NetlinkSocket,
+    Subscription,
     in_netns,
     iter_messages,
     nlmsg,
@@ -243,11 +243,10 @@ def enable_accounting(netns: str | None = None) -> bool:
         os.close(fd)
 
 
-class ConntrackSocket:
+class ConntrackSocket(Subscription[CtEvent]):
     """A NETLINK_NETFILTER socket subscribed to conntrack events (see `events`)."""
 
-    def __init__(self, nl: NetlinkSocket) -> None:
-        self._nl = nl
+    _parse = staticmethod(parse)
 
     @classmethod
     def events(
@@ -259,25 +258,6 @@ class ConntrackSocket:
             NETLINK_NETFILTER, groups=groups, rcvbuf=rcvbuf, netns=netns, nonblocking=True
         )
         return cls(nl)
-
-    @property
-    def overruns(self) -> int:
-        """ENOBUFS seen by `read()`: events the kernel dropped because we were too slow."""
-        return self._nl.overruns
-
-    def fileno(self) -> int:
-        return self._nl.fileno()
-
-    def read(self) -> list[CtEvent]:
-        """Every event queued now, without blocking ([] when none)."""
-        out: list[CtEvent] = []
-        for buf in self._nl.recv_available():
-            out.extend(parse(buf))
-        return out
-
-    def read_raw(self) -> list[bytes]:
-        """The queued buffers as received (for capture and benchmarks)."""
-        return self._nl.recv_available()
 
     @classmethod
     def dump(cls, family: int = 0, *, netns: str | None = None) -> list[CtEvent]:
@@ -296,17 +276,3 @@ class ConntrackSocket:
             return nl.request(nlmsg(_MSG_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, payload))
         finally:
             nl.close()
-
-    def close(self) -> None:
-        self._nl.close()
-
-    def __enter__(self) -> ConntrackSocket:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -15,7 +15,9 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from types import TracebackType
+from typing import Generic, Self, TypeVar
 
 __all__ = [
     "NLMSG_DONE",
@@ -264,3 +266,45 @@ def _finished(data: bytes, seq: int) -> bool:
             return True
         off += (length + 3) & ~3
     return False
+
+
+T = TypeVar("T")
+
+
+class Subscription(Generic[T]):
+    """A non-blocking netlink socket delivering messages that `_parse` turns into records
+    (conntrack events, NFLOG'd packets): drained with `read()`, selectable by `fileno()`."""
+
+    _parse: Callable[[bytes], list[T]]
+
+    def __init__(self, nl: NetlinkSocket) -> None:
+        self._nl = nl
+
+    @property
+    def overruns(self) -> int:
+        """ENOBUFS seen by `read()`: messages the kernel dropped because we were too slow."""
+        return self._nl.overruns
+
+    def fileno(self) -> int:
+        return self._nl.fileno()
+
+    def read(self) -> list[T]:
+        """Every record queued now, without blocking ([] when none)."""
+        out: list[T] = []
+        for buf in self._nl.recv_available():
+            out.extend(self._parse(buf))
+        return out
+
+    def read_raw(self) -> list[bytes]:
+        """The queued buffers as received (for capture and benchmarks)."""
+        return self._nl.recv_available()
+
+    def close(self) -> None:
+        self._nl.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

@@ -13,13 +13,13 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from types import TracebackType
 
 from bulkhead.agent.netlink import (
     NLM_F_ACK,
     NLM_F_REQUEST,
     NetlinkError,
     NetlinkSocket,
+    Subscription,
     attr,
     iter_attrs,
     iter_messages,
@@ -142,8 +142,10 @@ def _config(group: int, *attrs: bytes, family: int = 0) -> bytes:
     return struct.pack("=BBH", family, 0, socket.htons(group)) + b"".join(attrs)
 
 
-class NflogSocket:
+class NflogSocket(Subscription[LoggedPacket]):
     """A socket bound to one NFLOG group, copying `copy_range` bytes of each packet."""
+
+    _parse = staticmethod(parse)
 
     def __init__(
         self,
@@ -156,7 +158,8 @@ class NflogSocket:
         if not 0 <= group <= 0xFFFF:
             raise ValueError(f"NFLOG group must be 0..65535, got {group}")
         self.group = group
-        self._nl = NetlinkSocket(NETLINK_NETFILTER, rcvbuf=rcvbuf, netns=netns, nonblocking=True)
+        super().__init__(NetlinkSocket(NETLINK_NETFILTER, rcvbuf=rcvbuf, netns=netns,
+                                       nonblocking=True))
         try:
             self._cmd(attr(_CFG_CMD, struct.pack("=B", _CMD_BIND)))
             self._cmd(
@@ -177,36 +180,8 @@ class NflogSocket:
             raise NetlinkError(f"NFLOG group {self.group}: {exc}", exc.errno) from exc
         self._nl.sock.setblocking(False)
 
-    @property
-    def overruns(self) -> int:
-        return self._nl.overruns
-
-    def fileno(self) -> int:
-        return self._nl.fileno()
-
-    def read(self) -> list[LoggedPacket]:
-        """Every logged packet queued now, without blocking ([] when none)."""
-        out: list[LoggedPacket] = []
-        for buf in self._nl.recv_available():
-            out.extend(parse(buf))
-        return out
-
-    def read_raw(self) -> list[bytes]:
-        return self._nl.recv_available()
-
     def close(self) -> None:
         with contextlib.suppress(OSError):  # closing releases the binding anyway
             self._nl.send(nlmsg(_MSG_CONFIG, NLM_F_REQUEST, self._nl.next_seq(),
                                 _config(self.group, attr(_CFG_CMD, bytes([_CMD_UNBIND])))))
-        self._nl.close()
-
-    def __enter__(self) -> NflogSocket:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        super().close()
