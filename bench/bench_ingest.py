@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import os
 import platform
@@ -184,8 +185,47 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
 
 
 # -- the clients ------------------------------------------------------------------------------
+class RawClient:
+    """A minimal HTTP/1.1 keep-alive client: the load generator shares the machine's cores
+    with the server, so it should take as little of them as it can (httpx costs about a
+    millisecond of CPU per request). Speaks just enough HTTP for this server's answers."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        if self.writer is None or self.reader is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.writer.writelines([
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
+            f"{head}\r\n".encode(), body])
+        status_and_headers = await self.reader.readuntil(b"\r\n\r\n")
+        lines = status_and_headers.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        length = None
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+            elif name.strip().lower() == "transfer-encoding":
+                raise SystemExit(f"unexpected transfer-encoding: {value.strip()}")
+        if length is None:
+            raise SystemExit("response without a content-length")
+        return status, await self.reader.readexactly(length)
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+
+
 async def run_phase(base: str, agents: list[tuple[int, str]], fmt: str, size: int,
-                    seconds: float, phase: int) -> tuple[int, int, float, list[float]]:
+                    seconds: float, phase: int, client_kind: str = "raw",
+                    ) -> tuple[int, int, float, list[float]]:
     """(rows stored, batches, elapsed s, per-request latencies) of one phase."""
     payloads = []
     for i, _ in enumerate(agents):
@@ -193,6 +233,7 @@ async def run_phase(base: str, agents: list[tuple[int, str]], fmt: str, size: in
         payloads.append(json_template(flows) if fmt == "json" else arrow_body(flows))
     stored = batches = 0
     latencies: list[float] = []
+    host, port = base.removeprefix("http://").split(":")
     limits = httpx.Limits(max_connections=len(agents) + 2)
     async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
         start = time.perf_counter()
@@ -202,28 +243,37 @@ async def run_phase(base: str, agents: list[tuple[int, str]], fmt: str, size: in
             nonlocal stored, batches
             agent_id, cred = agents[k]
             headers = {"Authorization": f"Bearer {cred}"}
+            raw = RawClient(host, int(port)) if client_kind == "raw" else None
             seq = 0
-            while time.perf_counter() < end:
-                seq += 1
-                batch_id = f"p{phase}-a{agent_id}-{seq}"
-                if fmt == "json":
-                    prefix, suffix = payloads[k]
-                    body = prefix + batch_id.encode() + suffix
-                    hdrs = {**headers, "Content-Type": "application/json"}
-                else:
-                    body = payloads[k]
-                    hdrs = {**headers, "Content-Type": ARROW, "X-Batch-Id": batch_id}
-                t = time.perf_counter()
-                r = await client.post(f"/api/v1/agents/{agent_id}/flows", content=body,
-                                      headers=hdrs)
-                latencies.append(time.perf_counter() - t)
-                if r.status_code != 200:
-                    raise SystemExit(f"upload failed: {r.status_code} {r.text[:300]}")
-                res = r.json()
-                if res["duplicate"]:
-                    raise SystemExit(f"unexpected duplicate: {res}")
-                stored += res["stored"]
-                batches += 1
+            try:
+                while time.perf_counter() < end:
+                    seq += 1
+                    batch_id = f"p{phase}-a{agent_id}-{seq}"
+                    if fmt == "json":
+                        prefix, suffix = payloads[k]
+                        body = prefix + batch_id.encode() + suffix
+                        hdrs = {**headers, "Content-Type": "application/json"}
+                    else:
+                        body = payloads[k]
+                        hdrs = {**headers, "Content-Type": ARROW, "X-Batch-Id": batch_id}
+                    path = f"/api/v1/agents/{agent_id}/flows"
+                    t = time.perf_counter()
+                    if raw is not None:
+                        status, text = await raw.post(path, body, hdrs)
+                    else:
+                        r = await client.post(path, content=body, headers=hdrs)
+                        status, text = r.status_code, r.content
+                    latencies.append(time.perf_counter() - t)
+                    if status != 200:
+                        raise SystemExit(f"upload failed: {status} {text[:300]!r}")
+                    res = msgspec.json.decode(text)
+                    if res["duplicate"]:
+                        raise SystemExit(f"unexpected duplicate: {res}")
+                    stored += res["stored"]
+                    batches += 1
+            finally:
+                if raw is not None:
+                    await raw.close()
 
         await asyncio.gather(*(worker(k) for k in range(len(agents))))
         elapsed = time.perf_counter() - start
@@ -292,6 +342,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="1000,5000")
     ap.add_argument("--formats", default="json,arrow")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
+                    help="load generator: a minimal keep-alive client (default) or httpx")
     ap.add_argument("--store", choices=("duckdb", "null"), default="duckdb",
                     help="null: no storage, to measure the API alone")
     ap.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
@@ -304,7 +356,7 @@ def main() -> None:
           f"python {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
     import importlib.util
     fast = importlib.util.find_spec("httptools") and importlib.util.find_spec("uvloop")
-    print(f"{args.clients} clients, one uvicorn worker "
+    print(f"{args.clients} clients ({args.client}), one uvicorn worker "
           f"({'httptools, uvloop' if fast else 'h11, asyncio loop'}), SQLite + "
           f"{'DuckDB flow store' if args.store == 'duckdb' else 'NO flow store (null)'}, "
           f"loopback; {args.seconds:g} s per phase; load average {os.getloadavg()[0]:.1f}")
@@ -323,7 +375,8 @@ def main() -> None:
                 for size in (int(s) for s in args.sizes.split(",")):
                     phase += 1
                     stored, batches, elapsed, lat = asyncio.run(
-                        run_phase(base, agents, fmt, size, args.seconds, phase))
+                        run_phase(base, agents, fmt, size, args.seconds, phase,
+                                  args.client))
                     total_stored += stored
                     rate = stored / elapsed
                     results.append(rate)

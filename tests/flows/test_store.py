@@ -689,3 +689,21 @@ def test_name_workloads_fills_only_the_unnamed_ends() -> None:
             expect = before[f"{side}_workload"] or owners.get(row[f"{side}_ip"])
             assert row[f"{side}_workload"] == expect
     assert name_workloads(t, {}) is t
+    # an unchecked table (no address dictionary at hand) is named the same
+    plain = pa.table({c: t.column(c) for c in t.column_names}, schema=t.schema)
+    assert name_workloads(plain, owners).equals(out)
+    # naming keeps a checked batch checked: the store does not check it again
+    from bulkhead.flows import schema as schema_mod
+
+    assert id(out) in schema_mod._CHECKED
+    assert schema_mod.check_batch(out).table is out
+
+
+def test_log_then_wait_is_append_in_two_steps(tmp_path: Path) -> None:
+    with DuckDBFlowStore(tmp_path / "f.duckdb") as s:
+        logged = s.log(make_batch(20, seed=4), batch_id="two-step")
+        assert s.count() == 0  # written, not yet durable: not acknowledged, not visible
+        assert logged.wait() == 20
+        assert logged.wait() == 0  # once
+        assert s.log(make_batch(20, seed=4), batch_id="two-step").wait() == 0  # a retry
+        assert s.count() == 20

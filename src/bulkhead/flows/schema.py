@@ -189,6 +189,17 @@ def address_numbers(*cols: pa.ChunkedArray | pa.Array,
 
     Raises `FlowBatchError` naming the column and first row that is null, not an address, or
     not in canonical form."""
+    return _addresses(cols, names).numbers
+
+
+@dataclass(frozen=True)
+class _Addresses:
+    numbers: list[tuple[U64, U64]]  # (hi, lo) per column
+    index: npt.NDArray[np.int32]  # every column's rows, one after another -> `values`
+    values: list[str | None]  # the distinct addresses
+
+
+def _addresses(cols: Sequence[pa.ChunkedArray | pa.Array], names: Sequence[str]) -> _Addresses:
     chunks: list[pa.Array] = []
     sizes: list[int] = []
     for col in cols:
@@ -213,7 +224,7 @@ def address_numbers(*cols: pa.ChunkedArray | pa.Array,
         part = idx[start:start + size]
         out.append((hi[part], lo[part]))
         start += size
-    return out
+    return _Addresses(out, idx, values)
 
 
 def address_number(text: str) -> int:
@@ -297,11 +308,12 @@ class ValidBatch:
     src_lo: U64
     dst_hi: U64
     dst_lo: U64
+    addresses: _Addresses | None = None  # the src+dst address dictionary, when computed
 
 
-# id(table) -> address numbers of tables this module produced (dropped with the table), so a
-# batch checked by the caller (e.g. the agent channel) is not checked again by the store
-_CHECKED: dict[int, tuple[U64, U64, U64, U64]] = {}
+# id(table) -> what checking tables this module produced found (dropped with the table), so
+# a batch checked by the caller (e.g. the agent channel) is not checked again by the store
+_CHECKED: dict[int, tuple[U64, U64, U64, U64, _Addresses | None]] = {}
 
 
 def validate_batch(table: pa.Table) -> pa.Table:
@@ -316,10 +328,16 @@ def check_batch(table: pa.Table) -> ValidBatch:
     if known is not None:
         return ValidBatch(table, *known)
     checked = _check(table)
-    key = id(checked.table)
-    _CHECKED[key] = (checked.src_hi, checked.src_lo, checked.dst_hi, checked.dst_lo)
-    weakref.finalize(checked.table, _CHECKED.pop, key, None)
+    # the fields without the table: the entry must not keep its table alive
+    _remember(checked.table, (checked.src_hi, checked.src_lo, checked.dst_hi, checked.dst_lo,
+                              checked.addresses))
     return checked
+
+
+def _remember(table: pa.Table, entry: tuple[U64, U64, U64, U64, _Addresses | None]) -> None:
+    key = id(table)
+    _CHECKED[key] = entry
+    weakref.finalize(table, _CHECKED.pop, key, None)
 
 
 def _check(table: pa.Table) -> ValidBatch:
@@ -378,19 +396,19 @@ def _check(table: pa.Table) -> ValidBatch:
         bad = pc.greater(out["first_seen"], out["last_seen"])
         if pc.any(bad).as_py():
             issues.append(Issue("last_seen", _first(bad), "last_seen is before first_seen"))
-    numbers: list[tuple[U64, U64]] = []
+    addresses: _Addresses | None = None
     if "src_ip" in out and "dst_ip" in out:
         try:
-            numbers = address_numbers(out["src_ip"], out["dst_ip"], names=("src_ip", "dst_ip"))
+            addresses = _addresses((out["src_ip"], out["dst_ip"]), ("src_ip", "dst_ip"))
         except FlowBatchError as exc:
             issues.extend(exc.issues)
-    if issues:
+    if issues or addresses is None:
         raise FlowBatchError(issues[:MAX_ISSUES])
     arrays = [out[f.name] if f.name in out else pa.chunked_array([pa.nulls(n, f.type)])
               for f in FLOW_SCHEMA]
     table = pa.Table.from_arrays(arrays, schema=FLOW_SCHEMA)
-    (src_hi, src_lo), (dst_hi, dst_lo) = numbers
-    return ValidBatch(table, src_hi, src_lo, dst_hi, dst_lo)
+    (src_hi, src_lo), (dst_hi, dst_lo) = addresses.numbers
+    return ValidBatch(table, src_hi, src_lo, dst_hi, dst_lo, addresses)
 
 
 def empty_batch() -> pa.Table:
@@ -400,18 +418,30 @@ def empty_batch() -> pa.Table:
 def name_workloads(table: pa.Table, owners: dict[str, str]) -> pa.Table:
     """`table` (of `FLOW_SCHEMA`) with null `src_workload`/`dst_workload` filled from
     `owners` (canonical address -> workload name): an agent knows only its own side, the
-    control plane knows whose the far end is. Names already there are kept."""
-    if not owners or table.num_rows == 0:
+    control plane knows whose the far end is. Names already there are kept. A checked batch
+    stays checked (only workload names change), so the store does not check it again."""
+    n = table.num_rows
+    if not owners or n == 0:
         return table
-    for side in ("src", "dst"):
+    known = _CHECKED.get(id(table))
+    addresses = known[4] if known is not None else None
+    if addresses is None:  # not checked here: one dictionary over both sides
+        idx, values = _dictionary(pa.chunked_array(
+            [*table.column("src_ip").chunks, *table.column("dst_ip").chunks], pa.string()))
+    else:
+        idx, values = addresses.index, addresses.values
+    found = pa.array([owners.get(ip) if ip is not None else None for ip in values],
+                     pa.string())
+    if found.null_count == len(found):
+        return table
+    for k, side in enumerate(("src", "dst")):
         name = f"{side}_workload"
         col = table.column(name)
         if col.null_count == 0:
             continue
-        enc = pc.dictionary_encode(table.column(f"{side}_ip")).combine_chunks()
-        found = pa.array([owners.get(ip) for ip in enc.dictionary.to_pylist()], pa.string())
-        if found.null_count == len(found):
-            continue
+        names = found.take(pa.array(idx[k * n:(k + 1) * n]))
         table = table.set_column(table.schema.get_field_index(name), name,
-                                 pc.coalesce(col, pc.take(found, enc.indices)))
+                                 pc.coalesce(col, names))
+    if known is not None and id(table) not in _CHECKED:
+        _remember(table, known)
     return table

@@ -485,6 +485,18 @@ class _Entry:
     error: BaseException | None = None
 
 
+class Logged:
+    """A batch written to the log by `DuckDBFlowStore.log` (or nothing to store: a retry)."""
+
+    def __init__(self, store: DuckDBFlowStore, entry: _Entry | None) -> None:
+        self._store, self._entry = store, entry
+
+    def wait(self) -> int:
+        """Durable: the rows stored (0 for a batch id stored before)."""
+        e, self._entry = self._entry, None
+        return 0 if e is None else self._store._commit(e)
+
+
 @dataclass
 class _Plan:
     """Label keys a statement needs, pivoted once (`wl` CTE) and joined per side."""
@@ -863,16 +875,22 @@ class DuckDBFlowStore:
     # -- writing ----------------------------------------------------------------------------
     def append(self, table: pa.Table, *, batch_id: str) -> int:
         """Check, log (fsynced) and acknowledge; the loader moves the batch into DuckDB."""
+        return self.log(table, batch_id=batch_id).wait()
+
+    def log(self, table: pa.Table, *, batch_id: str) -> Logged:
+        """`append` in two steps: this one checks the batch and writes it to the log (CPU
+        work, which a caller may serialise); `Logged.wait()`, which must follow, makes it
+        durable with an fsync shared by concurrent batches and returns the rows stored."""
         if not isinstance(batch_id, str) or not batch_id.strip() or \
                 len(batch_id) > MAX_BATCH_ID:
             raise ValueError(f"batch_id: a non-empty string of at most {MAX_BATCH_ID} "
                              "characters is required")
         prepared = _prepare(table)  # first: a bad batch is an error, stored id or not
         if batch_id in self._recent:  # a retry of a batch loaded lately: no work at all
-            return 0
+            return Logged(self, None)
         e = self._claim(batch_id, prepared)
         if e is None:
-            return 0
+            return Logged(self, None)
         try:
             if batch_id in self._ids and _run(
                     self._cur(), "SELECT 1 FROM batches WHERE batch_id = ?", [batch_id]):
@@ -881,16 +899,23 @@ class DuckDBFlowStore:
                         del self._logged[batch_id]
                     self._remember_locked(batch_id)
                     e.state = FAILED
-                return 0
+                e.done.set()
+                return Logged(self, None)
             self._write(e, _ipc(prepared))
-            self._sync(e)
         except BaseException:
             with self._log_lock:
                 if e.state == CLAIMING:
                     e.state = FAILED
                     if self._logged.get(batch_id) is e:
                         del self._logged[batch_id]
+            e.done.set()
             raise
+        return Logged(self, e)
+
+    def _commit(self, e: _Entry) -> int:
+        """`Logged.wait`: fsync (group commit), then wake or help the loader."""
+        try:
+            self._sync(e)
         finally:
             e.done.set()
         pending = self._pending_rows
@@ -989,7 +1014,7 @@ class DuckDBFlowStore:
                 np.arange(e.first_id, e.first_id + e.rows, dtype=np.int64)))
                 for e in group if e.rows and e.table is not None and e.batch_id in claimed]
             if parts:
-                self._insert(pa.concat_tables(parts), con)
+                self._insert(pa.concat_tables(parts).combine_chunks(), con)
             _run(con, "COMMIT")
         except BaseException:
             _rollback(con)

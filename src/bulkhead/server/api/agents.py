@@ -110,8 +110,9 @@ class CallerCache:
             self._entries[digest] = (time.monotonic() + CALLER_TTL_S, caller)
 
 
-def agent_caller(request: Request) -> svc.Caller:
-    """The calling agent, from its credential (cached, else in a transaction of its own)."""
+async def agent_caller(request: Request) -> svc.Caller:
+    """The calling agent, from its credential: cached (no thread hop), else read in a
+    transaction of its own on a worker thread."""
     token = bearer(request)
     if token is None:
         raise Unauthorized("missing bearer token")
@@ -122,8 +123,11 @@ def agent_caller(request: Request) -> svc.Caller:
     ps = policy_state(request)
     caller = cache.get(digest, ps)
     if caller is None:
-        with get_db(request).transaction() as session:
-            caller = svc.authenticate(session, token)
+        def lookup() -> svc.Caller | None:
+            with get_db(request).transaction() as session:
+                return svc.authenticate(session, token)
+
+        caller = await run_in_threadpool(lookup)
         if caller is None:
             raise Unauthorized("invalid or revoked agent credential")
         cache.put(digest, caller)
