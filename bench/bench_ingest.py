@@ -301,7 +301,7 @@ def pct(values: list[float], q: float) -> float:
 # -- in-process stage costs -------------------------------------------------------------------
 def profile(size: int, directory: Path) -> None:
     from bulkhead.flows.store import DuckDBFlowStore
-    from bulkhead.server.services.agents import decode_flows, prepare_flows
+    from bulkhead.server.services.flow_batches import decode_flows, prepare_flows
 
     flows = make_flows(0, size, seed=99)
     prefix, suffix = json_template(flows)

@@ -41,6 +41,7 @@ from bulkhead.server.schemas.agents import (
     UnpairIn,
 )
 from bulkhead.server.services import agents as svc
+from bulkhead.server.services import flow_batches as flow_svc
 from bulkhead.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -275,15 +276,17 @@ async def upload_flows(agent_id: AgentId, caller: AgentDep, request: Request,
     """A batch of flow summaries, JSON `{batch_id, flows: [...]}` or an Arrow IPC stream
     (`application/vnd.apache.arrow.stream`, id in `X-Batch-Id`). Idempotent by batch id."""
     own(caller, agent_id)
+    store = request.app.state.flows
+    if store is None:
+        raise flow_svc.Unavailable("no flow store is configured on this server")
     body = await request.body()
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     owners = policy_state(request).owners()
     try:
         result = await run_in_threadpool(
-            lambda: svc.ingest_flows(request.app.state.flows, agent_id=caller.id,
-                                     workload=caller.workload, body=body,
-                                     content_type=ctype, batch_id=x_batch_id,
-                                     owners=owners))
+            lambda: flow_svc.ingest_flows(store, agent_id=caller.id, workload=caller.workload,
+                                          body=body, content_type=ctype,
+                                          batch_id=x_batch_id, owners=owners))
     except DomainError:
         FLOW_BATCHES.labels("rejected").inc()
         raise

@@ -1,5 +1,5 @@
-"""The agent channel: pairing keys, activation, credentials, heartbeats, inventory, unpairing,
-offline detection and flow-batch ingest (see docs/design/agent-channel.md).
+"""The agent channel: pairing keys, activation, credentials, heartbeats, inventory, unpairing
+and offline detection (see docs/design/agent-channel.md); flow batches are `flow_batches`.
 
 Theory of operation. A pairing key (`bhp_…`, stored as a SHA-256 digest) is consumed by
 `activate`, atomically (`uses < max_uses` is re-checked inside the UPDATE), and yields a new
@@ -10,13 +10,9 @@ firewall state to the host and then destroys the credential. `mark_offline` is o
 UPDATE … RETURNING, so concurrent sweepers emit `agent_offline` exactly once per transition,
 and a heartbeat racing the sweep wins.
 
-Flow batches arrive as JSON (msgspec) or Arrow IPC, become one Arrow table, get `reporter` (and
-the reporting side's workload) from the credential and pass `bulkhead.flows.schema.
-validate_batch` column-wise (no Python object per flow on the Arrow path). The store
-de-duplicates by batch id, namespaced per agent so no agent can shadow another's batches.
-
-Workloads belong to `bulkhead.server.services.inventory`; this module calls its
-`upsert_workload` (imported lazily) and otherwise keeps only the agent -> workload name link.
+Workloads belong to `bulkhead.server.services.inventory`; this module creates or updates them
+through its public functions (`_upsert_workload`) and otherwise keeps only the agent ->
+workload name link.
 
 Functions are keyword-only (except `session`/`now`), run inside the caller's transaction and
 raise domain errors.
@@ -26,7 +22,6 @@ from __future__ import annotations
 
 import importlib
 import ipaddress
-import re
 import threading
 import weakref
 from dataclasses import dataclass
@@ -34,22 +29,18 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 import msgspec
-import pyarrow as pa  # type: ignore[import-untyped]
-import pyarrow.compute as pc  # type: ignore[import-untyped]
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from bulkhead.dataplane.model import PeerSet
 from bulkhead.dataplane.wire import peers_to_data, to_data
-from bulkhead.flows.schema import TS_TYPE, FlowBatchError, name_workloads, validate_batch
 from bulkhead.policy.fileformat import NAME_RE
 from bulkhead.server.auth import AGENT_PERMISSIONS, Principal, new_token, token_digest
 from bulkhead.server.db import after_commit as db_after_commit
 from bulkhead.server.db import utcnow
 from bulkhead.server.errors import (
     Conflict,
-    DomainError,
     FieldError,
     Forbidden,
     Invalid,
@@ -58,7 +49,6 @@ from bulkhead.server.errors import (
 )
 from bulkhead.server.models.agents import Agent, AgentInventory, PairingKey
 from bulkhead.server.policystate import PolicyState, Snapshot
-from bulkhead.server.schemas.agents import BATCH_ID_PATTERN, FlowBatch, FlowRecord
 from bulkhead.server.services.audit import audit, emit
 from bulkhead.server.settings import Settings
 
@@ -460,148 +450,3 @@ def _iso(dt: datetime | None) -> str | None:
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in d.items()}
-
-
-# -- flow batches -----------------------------------------------------------------------------
-ARROW_STREAM: Final = "application/vnd.apache.arrow.stream"
-MAX_FLOWS: Final = 100_000
-_BATCH_ID_RE = re.compile(BATCH_ID_PATTERN)
-_JSON = msgspec.json.Decoder(FlowBatch)
-# what an agent may leave out of an Arrow batch (JSON has the same defaults in FlowRecord)
-DEFAULTS: Final = {"dst_port": pa.scalar(-1, pa.int32()), "connections": pa.scalar(1, pa.int64()),
-                   "bytes": pa.scalar(0, pa.int64()), "decision": pa.scalar("unknown")}
-SERVER_SET: Final = ("reporter", "src_workload", "dst_workload")
-
-
-class UnsupportedMedia(DomainError):
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail, [], 415, "Unsupported media type", "/problems/media-type")
-
-
-class Unavailable(DomainError):
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail, [], 503, "Service unavailable", "/problems/unavailable")
-
-
-@dataclass(frozen=True)
-class IngestResult:
-    batch_id: str
-    stored: int
-    duplicate: bool
-
-
-def decode_flows(body: bytes, content_type: str, batch_id: str | None = None,
-                 ) -> tuple[str, pa.Table]:
-    """A flow batch (JSON, or an Arrow IPC stream with the id in `batch_id`) as (batch id,
-    Arrow table in the agent's columns; not yet validated)."""
-    if content_type == ARROW_STREAM:
-        if not batch_id or not _BATCH_ID_RE.match(batch_id):
-            raise Invalid("an Arrow batch needs its id in the X-Batch-Id header",
-                          [FieldError("header:x-batch-id", f"must match {BATCH_ID_PATTERN}")])
-        try:
-            table = pa.ipc.open_stream(body).read_all()
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise Invalid(f"not an Arrow IPC stream: {exc}") from None
-        if table.num_rows > MAX_FLOWS:
-            raise Invalid(f"a batch holds at most {MAX_FLOWS} flows, not {table.num_rows}")
-        return batch_id, table
-    if content_type in ("application/json", ""):
-        try:
-            batch = _JSON.decode(body)
-        except msgspec.ValidationError as exc:
-            raise Invalid("invalid flow batch",
-                          [FieldError(_msgspec_path(str(exc)), str(exc))]) from None
-        except msgspec.DecodeError as exc:
-            raise Invalid(f"malformed JSON: {exc}") from None
-        return batch.batch_id, rows_to_table(batch.flows)
-    raise UnsupportedMedia(f"flows must be application/json or {ARROW_STREAM}, "
-                           f"not {content_type!r}")
-
-
-def _msgspec_path(message: str) -> str:
-    m = re.search(r"at `\$(.*)`", message)
-    return m.group(1).lstrip(".") if m else ""
-
-
-def rows_to_table(rows: list[FlowRecord]) -> pa.Table:
-    """JSON flow records as Arrow columns (epoch seconds become UTC timestamps)."""
-    ts = _timestamps([r.ts for r in rows])
-    return pa.table({
-        "ts": ts,
-        "first_seen": pc.coalesce(_timestamps([r.first_seen for r in rows]), ts),
-        "last_seen": pc.coalesce(_timestamps([r.last_seen for r in rows]), ts),
-        "src_ip": pa.array([r.src_ip for r in rows], pa.string()),
-        "dst_ip": pa.array([r.dst_ip for r in rows], pa.string()),
-        "src_port": pa.array([r.src_port for r in rows], pa.int32()),
-        "proto": pa.array([r.proto for r in rows], pa.int16()),
-        "dst_port": pa.array([r.dst_port for r in rows], pa.int32()),
-        "process": pa.array([r.process for r in rows], pa.string()),
-        "unit": pa.array([r.unit for r in rows], pa.string()),
-        "user": pa.array([r.user for r in rows], pa.string()),
-        "direction": pa.array([r.direction for r in rows], pa.string()),
-        "connections": pa.array([r.connections for r in rows], pa.int64()),
-        "bytes": pa.array([r.bytes for r in rows], pa.int64()),
-        "decision": pa.array([r.decision for r in rows], pa.string()),
-        "rule": pa.array([r.rule for r in rows], pa.string()),
-    })
-
-
-def _timestamps(seconds: list[float | None]) -> pa.Array:
-    us = pc.floor(pc.multiply(pa.array(seconds, pa.float64()), 1e6))
-    return us.cast(pa.int64(), safe=False).cast(TS_TYPE)
-
-
-def prepare_flows(table: pa.Table, *, workload: str) -> pa.Table:
-    """The batch as exactly `FLOW_SCHEMA`: defaults filled, `reporter` and the reporting
-    side's workload set from the credential (whatever the agent sent there is replaced),
-    then `validate_batch`; its issues become a 422 naming row and column."""
-    n = table.num_rows
-    for name in SERVER_SET:
-        if name in table.column_names:
-            table = table.drop_columns([name])
-    for name, value in DEFAULTS.items():
-        if name not in table.column_names:
-            table = table.append_column(name, pa.repeat(value, n))
-    me = pa.repeat(pa.scalar(workload), n)
-    table = table.append_column("reporter", me)
-    if "direction" in table.column_names and n:
-        direction = table.column("direction")
-        if direction.type != pa.string():
-            direction = direction.cast(pa.string())
-        none = pa.nulls(n, pa.string())
-        out = pc.equal(direction, "out")  # else "in": any other value fails the check below
-        table = table.append_column("src_workload", pc.if_else(out, me, none))
-        table = table.append_column("dst_workload", pc.if_else(out, none, me))
-    try:
-        return validate_batch(table)
-    except FlowBatchError as exc:
-        raise Invalid(str(exc), [
-            FieldError(f"flows[{i.row}].{i.column}" if i.row is not None
-                       else f"flows.{i.column}", i.message) for i in exc.issues]) from None
-
-
-# One batch at a time through the CPU stages (decode, checks, the log write): pyarrow drops
-# and retakes the GIL around each of its many short calls, and threads doing so together
-# spent about twice the CPU per batch. The fsync that makes a batch durable is outside.
-_STAGES = threading.Lock()
-
-
-def ingest_flows(store: Any, *, agent_id: int, workload: str, body: bytes,
-                 content_type: str, batch_id: str | None = None,
-                 owners: dict[str, str] | None = None) -> IngestResult:
-    """Decode, validate and append once per (agent, batch id): a retry stores nothing.
-    `owners` (address -> workload) names the far end of each flow when it is ours."""
-    if store is None:
-        raise Unavailable("no flow store is configured on this server")
-    log = getattr(store, "log", None)  # a store that can split append (see DuckDBFlowStore)
-    with _STAGES:
-        batch_id, table = decode_flows(body, content_type, batch_id)
-        flows = prepare_flows(table, workload=workload)
-        if owners:
-            flows = name_workloads(flows, owners)
-        if flows.num_rows == 0:
-            return IngestResult(batch_id, 0, False)
-        key = f"agent-{agent_id}:{batch_id}"
-        logged = log(flows, batch_id=key) if log is not None else None
-    stored = int(logged.wait() if logged is not None else store.append(flows, batch_id=key))
-    return IngestResult(batch_id, stored, stored == 0)

@@ -1,0 +1,196 @@
+"""Flow batches on the agent channel: decode (JSON or Arrow IPC), fill the defaults, set what
+the server knows from the credential (`reporter`, the reporting side's workload), check, name
+the far end from the inventory, and log into the flow store (docs/design/agent-channel.md).
+
+Everything up to the store is a function of its inputs (`check_flows`). The CPU stages of a
+batch (decode, check, naming, the log write) run one batch at a time (`_STAGES`): threads
+contending for the GIL across PyArrow's many short calls spent twice the CPU per batch. The
+fsync that makes a batch durable runs after, shared by the batches in flight. The store
+de-duplicates by batch id, namespaced per agent (`agent-<id>:<batch id>`) so that no agent
+can shadow another's batches.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgspec
+import pyarrow as pa  # type: ignore[import-untyped]
+import pyarrow.compute as pc  # type: ignore[import-untyped]
+
+from bulkhead.flows.schema import (
+    TS_TYPE,
+    FlowBatchError,
+    ValidBatch,
+    check_batch,
+    name_workloads,
+    validate_batch,
+)
+from bulkhead.server.errors import DomainError, FieldError, Invalid
+from bulkhead.server.schemas.agents import BATCH_ID_PATTERN, FlowBatch, FlowRecord
+
+ARROW_STREAM: Final = "application/vnd.apache.arrow.stream"
+MAX_FLOWS: Final = 100_000
+_BATCH_ID_RE = re.compile(BATCH_ID_PATTERN)
+_JSON = msgspec.json.Decoder(FlowBatch)
+# what an agent may leave out of an Arrow batch (JSON has the same defaults in FlowRecord)
+DEFAULTS: Final = {"dst_port": pa.scalar(-1, pa.int32()), "connections": pa.scalar(1, pa.int64()),
+                   "bytes": pa.scalar(0, pa.int64()), "decision": pa.scalar("unknown")}
+SERVER_SET: Final = ("reporter", "src_workload", "dst_workload")
+
+
+class UnsupportedMedia(DomainError):
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, [], 415, "Unsupported media type", "/problems/media-type")
+
+
+class Unavailable(DomainError):
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, [], 503, "Service unavailable", "/problems/unavailable")
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    batch_id: str
+    stored: int
+    duplicate: bool
+
+
+def decode_flows(body: bytes, content_type: str, batch_id: str | None = None,
+                 ) -> tuple[str, pa.Table]:
+    """A flow batch (JSON, or an Arrow IPC stream with the id in `batch_id`) as (batch id,
+    Arrow table in the agent's columns; not yet validated)."""
+    if content_type == ARROW_STREAM:
+        if not batch_id or not _BATCH_ID_RE.match(batch_id):
+            raise Invalid("an Arrow batch needs its id in the X-Batch-Id header",
+                          [FieldError("header:x-batch-id", f"must match {BATCH_ID_PATTERN}")])
+        try:
+            table = pa.ipc.open_stream(body).read_all()
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise Invalid(f"not an Arrow IPC stream: {exc}") from None
+        if table.num_rows > MAX_FLOWS:
+            raise Invalid(f"a batch holds at most {MAX_FLOWS} flows, not {table.num_rows}")
+        return batch_id, table
+    if content_type in ("application/json", ""):
+        try:
+            batch = _JSON.decode(body)
+        except msgspec.ValidationError as exc:
+            raise Invalid("invalid flow batch",
+                          [FieldError(_msgspec_path(str(exc)), str(exc))]) from None
+        except msgspec.DecodeError as exc:
+            raise Invalid(f"malformed JSON: {exc}") from None
+        return batch.batch_id, rows_to_table(batch.flows)
+    raise UnsupportedMedia(f"flows must be application/json or {ARROW_STREAM}, "
+                           f"not {content_type!r}")
+
+
+def _msgspec_path(message: str) -> str:
+    m = re.search(r"at `\$(.*)`", message)
+    return m.group(1).lstrip(".") if m else ""
+
+
+def rows_to_table(rows: list[FlowRecord]) -> pa.Table:
+    """JSON flow records as Arrow columns (epoch seconds become UTC timestamps)."""
+    ts = _timestamps([r.ts for r in rows])
+    return pa.table({
+        "ts": ts,
+        "first_seen": pc.coalesce(_timestamps([r.first_seen for r in rows]), ts),
+        "last_seen": pc.coalesce(_timestamps([r.last_seen for r in rows]), ts),
+        "src_ip": pa.array([r.src_ip for r in rows], pa.string()),
+        "dst_ip": pa.array([r.dst_ip for r in rows], pa.string()),
+        "src_port": pa.array([r.src_port for r in rows], pa.int32()),
+        "proto": pa.array([r.proto for r in rows], pa.int16()),
+        "dst_port": pa.array([r.dst_port for r in rows], pa.int32()),
+        "process": pa.array([r.process for r in rows], pa.string()),
+        "unit": pa.array([r.unit for r in rows], pa.string()),
+        "user": pa.array([r.user for r in rows], pa.string()),
+        "direction": pa.array([r.direction for r in rows], pa.string()),
+        "connections": pa.array([r.connections for r in rows], pa.int64()),
+        "bytes": pa.array([r.bytes for r in rows], pa.int64()),
+        "decision": pa.array([r.decision for r in rows], pa.string()),
+        "rule": pa.array([r.rule for r in rows], pa.string()),
+    })
+
+
+def _timestamps(seconds: list[float | None]) -> pa.Array:
+    us = pc.floor(pc.multiply(pa.array(seconds, pa.float64()), 1e6))
+    return us.cast(pa.int64(), safe=False).cast(TS_TYPE)
+
+
+def prepare_flows(table: pa.Table, *, workload: str) -> pa.Table:
+    """The batch as exactly `FLOW_SCHEMA`: defaults filled, `reporter` and the reporting
+    side's workload set from the credential (whatever the agent sent there is replaced),
+    then `validate_batch`; its issues become a 422 naming row and column."""
+    n = table.num_rows
+    for name in SERVER_SET:
+        if name in table.column_names:
+            table = table.drop_columns([name])
+    for name, value in DEFAULTS.items():
+        if name not in table.column_names:
+            table = table.append_column(name, pa.repeat(value, n))
+    me = pa.repeat(pa.scalar(workload), n)
+    table = table.append_column("reporter", me)
+    if "direction" in table.column_names and n:
+        direction = table.column("direction")
+        if direction.type != pa.string():
+            direction = direction.cast(pa.string())
+        none = pa.nulls(n, pa.string())
+        out = pc.equal(direction, "out")  # else "in": any other value fails the check below
+        table = table.append_column("src_workload", pc.if_else(out, me, none))
+        table = table.append_column("dst_workload", pc.if_else(out, none, me))
+    try:
+        return validate_batch(table)
+    except FlowBatchError as exc:
+        raise Invalid(str(exc), [
+            FieldError(f"flows[{i.row}].{i.column}" if i.row is not None
+                       else f"flows.{i.column}", i.message) for i in exc.issues]) from None
+
+
+def check_flows(body: bytes, content_type: str, batch_id: str | None, workload: str,
+                ) -> tuple[str, ValidBatch]:
+    """Decode and check a batch: (its id, the checked rows)."""
+    batch_id, table = decode_flows(body, content_type, batch_id)
+    return batch_id, check_batch(prepare_flows(table, workload=workload))
+
+
+_STAGES = threading.Lock()  # one batch at a time through the CPU stages (module docstring)
+
+
+def ingest_flows(store: Any, *, agent_id: int, workload: str, body: bytes,
+                 content_type: str, batch_id: str | None = None,
+                 owners: dict[str, str] | None = None) -> IngestResult:
+    """Decode, check and append once per (agent, batch id): a retry stores nothing.
+    `owners` (address -> workload) names the far end of each flow when it is ours."""
+    if store is None:
+        raise Unavailable("no flow store is configured on this server")
+    with _STAGES:
+        batch_id, valid = check_flows(body, content_type, batch_id, workload)
+        commit = _log(store, agent_id, batch_id, valid.table, owners)
+    return _finish(batch_id, commit)
+
+
+def _log(store: Any, agent_id: int, batch_id: str, flows: pa.Table,
+         owners: dict[str, str] | None) -> Callable[[], int] | None:
+    """Name the far ends and write the batch to the store's log (the CPU part of an append);
+    the returned commit makes it durable. None for an empty batch."""
+    if owners:
+        flows = name_workloads(flows, owners)
+    if flows.num_rows == 0:
+        return None
+    key = f"agent-{agent_id}:{batch_id}"
+    log_batch = getattr(store, "log", None)  # a store that splits append (DuckDBFlowStore)
+    if log_batch is None:
+        return lambda: int(store.append(flows, batch_id=key))
+    commit: Callable[[], int] = log_batch(flows, batch_id=key).wait
+    return commit
+
+
+def _finish(batch_id: str, commit: Callable[[], int] | None) -> IngestResult:
+    if commit is None:
+        return IngestResult(batch_id, 0, False)
+    stored = int(commit())
+    return IngestResult(batch_id, stored, stored == 0)
