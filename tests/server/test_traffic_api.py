@@ -238,7 +238,7 @@ def test_what_if_rejects_bad_requests(client: TestClient) -> None:
 
 def test_what_if_uses_the_control_planes_policy_by_default(
         client_as: Callable[[str], TestClient]) -> None:
-    """Without overrides the draft comes from `services.policy`: an empty control plane has
+    """Without overrides the draft comes from `services.versions`: an empty control plane has
     no workloads, so every flow is `unknown`."""
     c = client_as("viewer")
     load(c, 50)

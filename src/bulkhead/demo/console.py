@@ -71,8 +71,8 @@ def serve_recorded(directory: Path, before: Policy, enforced: Policy,
     from bulkhead.policy.fileformat import dump_policy
     from bulkhead.server.app import create_app
     from bulkhead.server.db import Database
-    from bulkhead.server.services.policy import import_policy, provision
     from bulkhead.server.services.users import create_user
+    from bulkhead.server.services.versions import import_policy, provision
     from bulkhead.server.settings import Settings
 
     directory.mkdir(parents=True, exist_ok=True)

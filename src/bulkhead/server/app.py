@@ -155,7 +155,7 @@ def _open_flow_store(settings: Settings) -> Any:
 def _rebuild_policy_state(db: Database, state: PolicyState) -> None:
     """Load the active version and inventory into the compiled state (at start-up)."""
     try:
-        from bulkhead.server.services.policy import rebuild_state
+        from bulkhead.server.services.versions import rebuild_state
     except ImportError:
         return
     with db.transaction() as session:

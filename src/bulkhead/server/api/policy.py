@@ -60,6 +60,7 @@ from bulkhead.server.schemas.policy import (
     VersionPage,
 )
 from bulkhead.server.services import policy as svc
+from bulkhead.server.services import versions as versions_svc
 
 router = APIRouter(tags=["policy"], dependencies=[Depends(reject_nul)])
 Reader = Annotated[Principal, Depends(require("policy:read"))]
@@ -245,12 +246,12 @@ Format = Annotated[Literal["json", "yaml"], Query(description="json or yaml")]
 
 def _file(session: SessionDep, ref: str, fmt: str, workloads: bool, download: bool
           ) -> Response:
-    data, label = svc.export_data(session, ref=ref, workloads=workloads)
+    data, label = versions_svc.export_data(session, ref=ref, workloads=workloads)
     headers = {}
     if download:
         name = label.split(" (")[0].replace(" ", "-")
         headers["Content-Disposition"] = f'attachment; filename="policy-{name}.{fmt}"'
-    return Response(svc.render(data, fmt), media_type=MEDIA[fmt], headers=headers)
+    return Response(versions_svc.render(data, fmt), media_type=MEDIA[fmt], headers=headers)
 
 
 @router.get("/policy/draft", responses={200: {"content": {"application/yaml": {}}}})
@@ -266,7 +267,7 @@ def get_draft(session: SessionDep, _: Reader, __: Exporter, format: Format = "js
 @router.get("/policy/draft/changes", response_model=DraftChanges)
 def get_draft_changes(session: SessionDep, _: Reader, response: Response) -> dict[str, Any]:
     """Objects added, modified or deleted in the draft since the active version."""
-    out = svc.draft_changes(session)
+    out = versions_svc.draft_changes(session)
     etag(response, out["draft_revision"])
     return out
 
@@ -294,8 +295,9 @@ def import_policy(data: RawBody, session: SessionDep, actor: Writer, state: Stat
                   ] = "upsert") -> dict[str, Any]:
     """Replace the draft's objects and the label keys with a policy file's (YAML or JSON); all
     or nothing, every error named by its path and line."""
-    return svc.import_policy(session, actor=actor, text=body_text(data), workloads=workloads,
-                             expected=expected(if_match), state=state)
+    return versions_svc.import_policy(session, actor=actor, text=body_text(data),
+                                      workloads=workloads, expected=expected(if_match),
+                                      state=state)
 
 
 def _version(v: PolicyVersion, objects: bool = False) -> dict[str, Any]:
@@ -311,9 +313,10 @@ def provision(body: ProvisionRequest, session: SessionDep, actor: Provisioner,
               state: StateDep, if_match: IfMatch = None) -> dict[str, Any]:
     """Make the draft the active policy as a new immutable version. Refuses a draft that does
     not load or has lint errors (422), and an empty change (409) unless `force`."""
-    v, warnings = svc.provision(session, actor=actor, note=body.note, force=body.force,
-                                expected=expected(if_match, body.draft_revision),
-                                state=state)
+    v, warnings = versions_svc.provision(session, actor=actor, note=body.note,
+                                         force=body.force,
+                                         expected=expected(if_match, body.draft_revision),
+                                         state=state)
     return {**_version(v), "warnings": warnings}
 
 
@@ -321,7 +324,7 @@ def provision(body: ProvisionRequest, session: SessionDep, actor: Provisioner,
 def list_versions(session: SessionDep, _: Reader,
                   limit: Annotated[int, Query(ge=1, le=500)] = 50,
                   offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0) -> dict[str, Any]:
-    rows, total = svc.list_versions(session, limit=limit, offset=offset)
+    rows, total = versions_svc.list_versions(session, limit=limit, offset=offset)
     return {"items": [_version(v) for v in rows], "total": total, "limit": limit,
             "offset": offset}
 
@@ -329,7 +332,7 @@ def list_versions(session: SessionDep, _: Reader,
 @router.get("/policy/versions/{version_id}", response_model=VersionDetail)
 def get_version(version_id: Annotated[int, Path(ge=1, le=2**31 - 1)], session: SessionDep,
                 _: Reader) -> dict[str, Any]:
-    return _version(svc.get_version(session, version=version_id), objects=True)
+    return _version(versions_svc.get_version(session, version=version_id), objects=True)
 
 
 @router.get("/policy/diff", response_model=DiffResult, response_model_by_alias=True)
@@ -341,12 +344,12 @@ def diff(session: SessionDep, _: Reader,
                        ] = "draft") -> dict[str, Any]:
     """Object changes and the semantic diff (bulkhead.policy.diff) between two policies,
     each with the current inventory."""
-    return svc.diff_policies(session, from_=from_, to=to)
+    return versions_svc.diff_policies(session, from_=from_, to=to)
 
 
 @router.post("/policy/revert", response_model=RevertResult, response_model_exclude_none=True)
 def revert(body: RevertRequest, session: SessionDep, actor: Writer,
            if_match: IfMatch = None) -> dict[str, Any]:
     """Set the draft's objects to those of a version (audited; does not provision)."""
-    return svc.revert(session, actor=actor, version=body.version,
-                      expected=expected(if_match, body.draft_revision))
+    return versions_svc.revert(session, actor=actor, version=body.version,
+                               expected=expected(if_match, body.draft_revision))

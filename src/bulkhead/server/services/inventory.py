@@ -110,7 +110,7 @@ def sync_workloads(session: Session, state: PolicyState | None, names: Iterable[
 def _sync_workloads(engine: Engine, state: PolicyState, names: set[str]) -> None:
     with SYNC_LOCK, Session(engine) as s:
         if len(names) > BULK_RELOAD or state.compiler is None:
-            from bulkhead.server.services.policy import load_active
+            from bulkhead.server.services.versions import load_active
 
             load_active(s, state)
             return

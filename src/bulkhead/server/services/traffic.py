@@ -343,8 +343,8 @@ def load_inventory(session: Session) -> Sequence[Workload]:
 
 def load_policy(session: Session, ref: str) -> Policy:
     """The policy `ref` ("draft", "active", or a version number) with the current inventory,
-    from `services.policy` (its `policy_for(session, ref)` if present, else its export)."""
-    svc = _module("bulkhead.server.services.policy")
+    from `services.versions` (its `policy_for(session, ref)` if present, else its export)."""
+    svc = _module("bulkhead.server.services.versions")
     if svc is None:
         raise Unavailable("policy versions are not available in this build")
     fn = getattr(svc, "policy_for", None)
