@@ -42,3 +42,31 @@ def test_good_answers_decode() -> None:
     assert c.fetch_policy("v0", 1.0) == ("v1", {"x": 1})
     c = client(201, b'{"agent_id": 3, "credential": "bha_x", "workload": "web"}')
     assert c.activate(pairing_key="k", hostname="h", ips=[], agent_version="0")["agent_id"] == 3
+
+
+def test_flows_go_as_arrow_and_rows_it_cannot_encode_as_json() -> None:
+    import msgspec
+    import pyarrow as pa
+
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"batch_id": "b1", "stored": 1, "duplicate": False})
+
+    c = AgentClient("http://cp.test", transport=httpx.MockTransport(handler))
+    c.set_credential(7, "bha_secret")
+    row = {"ts": 1.5, "src_ip": "10.0.0.1", "dst_ip": "10.0.0.2", "proto": 6,
+           "direction": "out", "dst_port": 22, "process": "ssh"}
+    assert c.upload_flows("b1", [row])["stored"] == 1
+    req = seen[-1]
+    assert req.url.path.endswith("/agents/7/flows")
+    assert req.headers["content-type"] == "application/vnd.apache.arrow.stream"
+    assert req.headers["x-batch-id"] == "b1"
+    table = pa.ipc.open_stream(req.content).read_all()
+    assert table.column("process").to_pylist() == ["ssh"]
+    # a row the encoder refuses goes as JSON: the server's 422 will name the field
+    c.upload_flows("b2", [{**row, "proto": "tcp"}])
+    req = seen[-1]
+    assert req.headers["content-type"] == "application/json"
+    assert msgspec.json.decode(req.content)["flows"][0]["proto"] == "tcp"

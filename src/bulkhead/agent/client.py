@@ -16,6 +16,9 @@ from typing import Any, TypeVar
 
 import httpx
 
+from bulkhead.agent.arrowipc import MEDIA_TYPE as ARROW_MEDIA_TYPE
+from bulkhead.agent.arrowipc import EncodeError, encode_flows
+
 T = TypeVar("T")
 
 
@@ -128,10 +131,18 @@ class AgentClient:
         self._request("PUT", self._me() + "/inventory", json=inv)
 
     def upload_flows(self, batch_id: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        """JSON batch; the server de-duplicates by batch id, so a retry is always safe."""
+        """An Arrow IPC batch (the server decodes it without a Python object per flow); rows
+        the encoder cannot write go as JSON, whose answer names the bad field. The server
+        de-duplicates by batch id, so a retry is always safe."""
         path = self._me() + "/flows"
-        return _json(self._request("POST", path, json={"batch_id": batch_id, "flows": rows}),
-                     "POST", path)
+        try:
+            body = encode_flows(rows)
+        except EncodeError:
+            resp = self._request("POST", path, json={"batch_id": batch_id, "flows": rows})
+        else:
+            resp = self._request("POST", path, content=body, headers={
+                "Content-Type": ARROW_MEDIA_TYPE, "X-Batch-Id": batch_id})
+        return _json(resp, "POST", path)
 
     def fetch_policy(self, known: str | None, wait: float) -> tuple[str, Any] | None:
         """(version, wire document), or None when unchanged (304)."""
