@@ -2,12 +2,12 @@
 the server knows from the credential (`reporter`, the reporting side's workload), check, name
 the far end from the inventory, and log into the flow store (docs/design/agent-channel.md).
 
-Everything up to the store is a function of its inputs (`check_flows`). The CPU stages of a
-batch (decode, check, naming, the log write) run one batch at a time (`_STAGES`): threads
-contending for the GIL across PyArrow's many short calls spent twice the CPU per batch. The
-fsync that makes a batch durable runs after, shared by the batches in flight. The store
-de-duplicates by batch id, namespaced per agent (`agent-<id>:<batch id>`) so that no agent
-can shadow another's batches.
+Everything up to the store is a function of its inputs (`decode_flows`, `prepare_flows`).
+The CPU stages of a batch (decode, check, naming, the log write) run one batch at a time
+(`_STAGES`): threads contending for the GIL across PyArrow's many short calls spent twice
+the CPU per batch. The fsync that makes a batch durable runs after, shared by the batches in
+flight. The store de-duplicates by batch id, namespaced per agent (`agent-<id>:<batch id>`)
+so that no agent can shadow another's batches.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ import pyarrow.compute as pc  # type: ignore[import-untyped]
 from bulkhead.flows.schema import (
     TS_TYPE,
     FlowBatchError,
-    ValidBatch,
-    check_batch,
     name_workloads,
     validate_batch,
 )
@@ -150,13 +148,6 @@ def prepare_flows(table: pa.Table, *, workload: str) -> pa.Table:
                        else f"flows.{i.column}", i.message) for i in exc.issues]) from None
 
 
-def check_flows(body: bytes, content_type: str, batch_id: str | None, workload: str,
-                ) -> tuple[str, ValidBatch]:
-    """Decode and check a batch: (its id, the checked rows)."""
-    batch_id, table = decode_flows(body, content_type, batch_id)
-    return batch_id, check_batch(prepare_flows(table, workload=workload))
-
-
 _STAGES = threading.Lock()  # one batch at a time through the CPU stages (module docstring)
 
 
@@ -168,8 +159,8 @@ def ingest_flows(store: Any, *, agent_id: int, workload: str, body: bytes,
     if store is None:
         raise Unavailable("no flow store is configured on this server")
     with _STAGES:
-        batch_id, valid = check_flows(body, content_type, batch_id, workload)
-        commit = _log(store, agent_id, batch_id, valid.table, owners)
+        batch_id, table = decode_flows(body, content_type, batch_id)
+        commit = _log(store, agent_id, batch_id, prepare_flows(table, workload=workload), owners)
     return _finish(batch_id, commit)
 
 
