@@ -236,6 +236,24 @@ def test_logged_batches_are_loaded_in_order(tmp_path: Path,
     assert _segments(s) == []  # closed with everything loaded: the log is empty
 
 
+def test_the_loader_loads_whole_groups_not_each_trickle(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After its first group the background loader loads only full ones: draining to empty
+    under steady ingest made many small DuckDB commits."""
+    monkeypatch.setattr(store_mod, "LOAD_ROWS", 1000)
+    with DuckDBFlowStore(tmp_path / "s.duckdb") as s:
+        s._stopping = True  # no background loader: this test drives the loads
+        s._wake.set()
+        s._loader.join()
+        for i in range(7):
+            s.append(make_batch(300, seed=i), batch_id=f"s{i}")
+        s._load(full_only=True)  # 900 rows, then 900 (a full group), not the last 300
+        assert s._pending_rows == 300
+        s._load(full_only=True)  # the first group is always loaded
+        assert s._pending_rows == 0
+        assert s.count() == 2100
+
+
 def test_a_duplicate_id_while_pending_stores_nothing(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_mod, "LOAD_S", 60.0)

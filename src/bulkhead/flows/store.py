@@ -369,7 +369,7 @@ def _load_loop(ref: weakref.ref[DuckDBFlowStore], wake: threading.Event) -> None
             return
         try:
             if store._pending:
-                store._load()
+                store._load(full_only=True)
             store._rotate_if_drained()
         except Exception:  # the batches stay logged (and readable); retried next time
             log.exception("flow store: loading logged flows failed")
@@ -955,29 +955,38 @@ class DuckDBFlowStore:
             with contextlib.suppress(duckdb.Error):
                 con.unregister("_batch")
 
-    def _load(self, upto: int | None = None) -> None:
+    def _load(self, upto: int | None = None, *, full_only: bool = False) -> None:
         with self._load_lock:
             if self._closed:
                 raise RuntimeError("flow store is closed")
-            self._load_locked(upto)
+            self._load_locked(upto, full_only=full_only)
 
-    def _load_locked(self, upto: int | None = None) -> None:
+    def _load_locked(self, upto: int | None = None, *, full_only: bool = False) -> None:
         """Load pending batches (those with ids up to `upto`, or all) into DuckDB, about
         `LOAD_ROWS` rows per transaction: ids (skipping those already stored) and rows
-        together; then forget their entries and delete segments left with none."""
+        together; then forget their entries and delete segments left with none.
+        `full_only` (the background loader): after the first group, only full ones. Under
+        steady ingest, draining to empty made many small loads, each a DuckDB commit
+        through its WAL: 3.5 ms per 1,000 rows instead of 1.4 for 250,000 at once."""
         con = self._mover
+        first = True
         while True:
             group: list[_Entry] = []
             rows = 0
+            full = False
             with self._log_lock:
                 for e in self._pending:
-                    if (group and (rows + e.rows > LOAD_ROWS or len(group) >= LOAD_BATCHES)) \
-                            or (upto is not None and e.first_id + e.rows - 1 > upto):
+                    if upto is not None and e.first_id + e.rows - 1 > upto:
+                        break
+                    if group and (rows + e.rows > LOAD_ROWS or len(group) >= LOAD_BATCHES):
+                        full = True
                         break
                     group.append(e)
                     rows += e.rows
-            if not group:
+            full = full or rows >= LOAD_ROWS or len(group) >= LOAD_BATCHES
+            if not group or (full_only and not first and not full):
                 return
+            first = False
             self._load_group(con, group)
             with self._log_lock:
                 del self._pending[:len(group)]
