@@ -27,6 +27,7 @@ from bulkhead.server.models.agents import Agent, PairingKey
 from bulkhead.server.models.audit import Event
 from bulkhead.server.policystate import PolicyState
 from bulkhead.server.services import agents as svc
+from bulkhead.server.services import flow_batches
 from bulkhead.server.settings import Settings
 
 API = "/api/v1"
@@ -448,6 +449,42 @@ def test_flow_upload_arrow_is_idempotent_and_per_agent(env: Env) -> None:
     reporters = {k: set(t.column("reporter").to_pylist()) for k, t in env.store.batches.items()}
     assert reporters == {f"agent-{a_id}:batch-7": {"web-1"},  # not the agent's "someone-else"
                          f"agent-{b_id}:batch-7": {"web-2"}}
+
+
+@pytest.mark.parametrize("inline_bytes", [0, flow_batches.INLINE_BYTES],
+                         ids=["on-a-worker-thread", "on-the-event-loop"])
+def test_small_and_large_batches_are_staged_alike(env: Env, monkeypatch: pytest.MonkeyPatch,
+                                                 inline_bytes: int) -> None:
+    """Bodies above `INLINE_BYTES` are decoded and checked on a worker thread, the others on
+    the event loop: the same rows, checks and answers either way."""
+    monkeypatch.setattr(flow_batches, "INLINE_BYTES", inline_bytes)
+    threaded: list[str] = []
+    ingest = flow_batches.ingest_flows
+
+    def ingest_on_a_thread(*args: Any, **kwargs: Any) -> flow_batches.IngestResult:
+        threaded.append(threading.current_thread().name)
+        return ingest(*args, **kwargs)
+
+    monkeypatch.setattr(flow_batches, "ingest_flows", ingest_on_a_thread)
+    agent_id, cred = env.pair("web-1")
+    url = f"/agents/{agent_id}/flows"
+    headers = {"Content-Type": ARROW, "X-Batch-Id": "a-1"}
+    for _ in range(2):
+        r = env.agent("POST", url, cred, content=_arrow(400), headers=headers)
+        assert r.status_code == 200, r.text
+    assert r.json() == {"batch_id": "a-1", "stored": 0, "duplicate": True}
+    r = env.agent("POST", url, cred, json={"batch_id": "j-1", "flows": _flows(300)})
+    assert r.json() == {"batch_id": "j-1", "stored": 300, "duplicate": False}
+    r = env.agent("POST", url, cred, json={"batch_id": "empty", "flows": []})
+    assert r.json() == {"batch_id": "empty", "stored": 0, "duplicate": False}
+    bad = _flows(3)
+    bad[1]["proto"] = 300
+    r = env.agent("POST", url, cred, json={"batch_id": "j-2", "flows": bad})
+    assert r.status_code == 422 and r.json()["errors"][0]["path"] == "flows[1].proto"
+    assert env.store.rows() == 700
+    assert {frozenset(t.column("reporter").to_pylist()) for t in env.store.batches.values()} \
+        == {frozenset({"web-1"})}
+    assert len(threaded) == (5 if inline_bytes == 0 else 0)
 
 
 def test_flow_upload_rejects_bad_batches(env: Env) -> None:

@@ -280,11 +280,15 @@ async def upload_flows(agent_id: AgentId, caller: AgentDep, request: Request,
     body = await request.body()
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     owners = policy_state(request).owners()
+    args: dict[str, Any] = {"agent_id": caller.id, "workload": caller.workload, "body": body,
+                            "content_type": ctype, "batch_id": x_batch_id, "owners": owners}
     try:
-        result = await run_in_threadpool(
-            lambda: flow_svc.ingest_flows(store, agent_id=caller.id, workload=caller.workload,
-                                          body=body, content_type=ctype,
-                                          batch_id=x_batch_id, owners=owners))
+        if len(body) <= flow_svc.INLINE_BYTES:  # staged here, durable on a worker thread
+            batch_id, commit = flow_svc.stage_flows(store, **args)
+            result = (flow_svc.finish(batch_id, None) if commit is None
+                      else await run_in_threadpool(flow_svc.finish, batch_id, commit))
+        else:
+            result = await run_in_threadpool(lambda: flow_svc.ingest_flows(store, **args))
     except DomainError:
         FLOW_BATCHES.labels("rejected").inc()
         raise
