@@ -291,7 +291,7 @@ async def upload_flows(agent_id: AgentId, caller: AgentDep, request: Request,
     args: dict[str, Any] = {"agent_id": caller.id, "workload": caller.workload, "body": body,
                             "content_type": ctype, "batch_id": x_batch_id, "owners": owners}
     try:
-        if len(body) <= flow_svc.INLINE_BYTES:  # staged here, durable on a worker thread
+        if len(body) <= flow_svc.INLINE_BYTES:  # staged here, made durable by the committer
             batch_id, commit = flow_svc.stage_flows(store, **args)
             stored = 0 if commit is None else await flow_svc.COMMITS.commit(commit)
             result = flow_svc.IngestResult(batch_id, stored, commit is not None and stored == 0)

@@ -181,7 +181,8 @@ def stage_flows(store: Any, *, agent_id: int, workload: str, body: bytes, conten
                 ) -> tuple[str, Commit | None]:
     """The CPU stages: decode, check, name the far ends (`owners`: address -> workload, for
     the ones that are ours) and write to the store's log. Returns the batch id and the
-    commit that makes the batch durable (`finish`); None for an empty batch."""
+    commit that makes the batch durable (it blocks: `finish` on a thread, or `COMMITS`);
+    None for an empty batch."""
     if store is None:
         raise Unavailable("no flow store is configured on this server")
     batch_id, table = decode_flows(body, content_type, batch_id)
@@ -203,6 +204,7 @@ def ingest_flows(store: Any, *, agent_id: int, workload: str, body: bytes,
 
 def _log(store: Any, agent_id: int, batch_id: str, flows: pa.Table,
          owners: dict[str, str] | None) -> Commit | None:
+    """Name the far ends and write the batch to the store's log; the commit follows."""
     if owners:
         flows = name_workloads(flows, owners)
     if flows.num_rows == 0:
