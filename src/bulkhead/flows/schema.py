@@ -80,7 +80,6 @@ _PLAN: tuple[tuple[str, str, pa.DataType, bool], ...] = tuple(
     (f.name, "timestamp" if pa.types.is_timestamp(f.type)
      else "integer" if pa.types.is_integer(f.type) else "string", f.type, f.nullable)
     for f in FLOW_SCHEMA)
-_NULLS: dict[str, pa.DataType] = {f.name: f.type for f in FLOW_SCHEMA}
 MAX_ISSUES = 20
 
 U64 = npt.NDArray[np.uint64]
@@ -312,16 +311,28 @@ class ValidBatch:
     """A checked batch (`FLOW_SCHEMA`) with the 128-bit numbers of its addresses."""
 
     table: pa.Table
-    src_hi: U64
-    src_lo: U64
-    dst_hi: U64
-    dst_lo: U64
-    addresses: _Addresses | None = None  # the src+dst address dictionary, when computed
+    addresses: _Addresses  # the src+dst address dictionary and numbers
+
+    @property
+    def src_hi(self) -> U64:
+        return self.addresses.numbers[0][0]
+
+    @property
+    def src_lo(self) -> U64:
+        return self.addresses.numbers[0][1]
+
+    @property
+    def dst_hi(self) -> U64:
+        return self.addresses.numbers[1][0]
+
+    @property
+    def dst_lo(self) -> U64:
+        return self.addresses.numbers[1][1]
 
 
-# id(table) -> what checking tables this module produced found (dropped with the table), so
-# a batch checked by the caller (e.g. the agent channel) is not checked again by the store
-_CHECKED: dict[int, tuple[U64, U64, U64, U64, _Addresses | None]] = {}
+# id(table) -> the addresses found checking a table this module produced (dropped with the
+# table), so a batch checked by the caller (e.g. the agent channel) is not checked again
+_CHECKED: dict[int, _Addresses] = {}
 
 
 def validate_batch(table: pa.Table) -> pa.Table:
@@ -334,17 +345,15 @@ def check_batch(table: pa.Table) -> ValidBatch:
     this function returned earlier (the same object, not an equal one) passes at once."""
     known = _CHECKED.get(id(table))
     if known is not None:
-        return ValidBatch(table, *known)
+        return ValidBatch(table, known)
     checked = _check(table)
-    # the fields without the table: the entry must not keep its table alive
-    _remember(checked.table, (checked.src_hi, checked.src_lo, checked.dst_hi, checked.dst_lo,
-                              checked.addresses))
+    _remember(checked.table, checked.addresses)
     return checked
 
 
-def _remember(table: pa.Table, entry: tuple[U64, U64, U64, U64, _Addresses | None]) -> None:
+def _remember(table: pa.Table, addresses: _Addresses) -> None:
     key = id(table)
-    _CHECKED[key] = entry
+    _CHECKED[key] = addresses  # (not the table: the entry must not keep it alive)
     weakref.finalize(table, _CHECKED.pop, key, None)
 
 
@@ -410,11 +419,9 @@ def _check(table: pa.Table) -> ValidBatch:
             issues.extend(exc.issues)
     if issues or addresses is None:
         raise FlowBatchError(issues[:MAX_ISSUES])
-    arrays = [out[name] if name in out else pa.chunked_array([pa.nulls(n, _NULLS[name])])
-              for name in COLUMNS]
-    table = pa.Table.from_arrays(arrays, schema=FLOW_SCHEMA)
-    (src_hi, src_lo), (dst_hi, dst_lo) = addresses.numbers
-    return ValidBatch(table, src_hi, src_lo, dst_hi, dst_lo, addresses)
+    arrays = [out[name] if name in out else pa.chunked_array([pa.nulls(n, target)])
+              for name, _, target, _ in _PLAN]
+    return ValidBatch(pa.Table.from_arrays(arrays, schema=FLOW_SCHEMA), addresses)
 
 
 def empty_batch() -> pa.Table:
@@ -429,8 +436,7 @@ def name_workloads(table: pa.Table, owners: dict[str, str]) -> pa.Table:
     n = table.num_rows
     if not owners or n == 0:
         return table
-    known = _CHECKED.get(id(table))
-    addresses = known[4] if known is not None else None
+    addresses = _CHECKED.get(id(table))
     if addresses is None:  # not checked here: one dictionary over both sides
         idx, values = _dictionary(pa.chunked_array(
             [*table.column("src_ip").chunks, *table.column("dst_ip").chunks], pa.string()))
@@ -448,6 +454,6 @@ def name_workloads(table: pa.Table, owners: dict[str, str]) -> pa.Table:
         names = found.take(pa.array(idx[k * n:(k + 1) * n]))
         table = table.set_column(table.schema.get_field_index(name), name,
                                  pc.coalesce(col, names))
-    if known is not None and id(table) not in _CHECKED:
-        _remember(table, known)
+    if addresses is not None and id(table) not in _CHECKED:
+        _remember(table, addresses)
     return table

@@ -272,6 +272,7 @@ def put_inventory(agent_id: AgentId, body: InventoryIn, caller: AgentDep, reques
 
 
 _UPLOADED = {k: FLOW_BATCHES.labels(k) for k in ("stored", "duplicate", "rejected")}
+_UPLOAD_OUT = msgspec.json.Encoder()
 
 
 # The hottest route: its answer is encoded directly rather than validated through a response
@@ -292,9 +293,7 @@ async def upload_flows(agent_id: AgentId, caller: AgentDep, request: Request,
                             "content_type": ctype, "batch_id": x_batch_id, "owners": owners}
     try:
         if len(body) <= flow_svc.INLINE_BYTES:  # staged here, made durable by the committer
-            batch_id, commit = flow_svc.stage_flows(store, **args)
-            stored = 0 if commit is None else await flow_svc.COMMITS.commit(commit)
-            result = flow_svc.IngestResult(batch_id, stored, commit is not None and stored == 0)
+            result = await flow_svc.finish_on_committer(*flow_svc.stage_flows(store, **args))
         else:
             result = await run_in_threadpool(lambda: flow_svc.ingest_flows(store, **args))
     except DomainError:
@@ -305,9 +304,6 @@ async def upload_flows(agent_id: AgentId, caller: AgentDep, request: Request,
     return Response(_UPLOAD_OUT.encode({"batch_id": result.batch_id, "stored": result.stored,
                                         "duplicate": result.duplicate}),
                     media_type="application/json")
-
-
-_UPLOAD_OUT = msgspec.json.Encoder()
 
 
 @router.get("/agents/{agent_id}/policy", responses={304: {"description": "unchanged"}})

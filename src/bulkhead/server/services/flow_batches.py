@@ -219,10 +219,20 @@ def _log(store: Any, agent_id: int, batch_id: str, flows: pa.Table,
 
 def finish(batch_id: str, commit: Commit | None) -> IngestResult:
     """Make a staged batch durable (blocks on the fsync: call it off the event loop)."""
-    if commit is None:
-        return IngestResult(batch_id, 0, False)
-    stored = int(commit())
-    return IngestResult(batch_id, stored, stored == 0)
+    return _result(batch_id, None if commit is None else int(commit()))
+
+
+async def finish_on_committer(batch_id: str, commit: Commit | None) -> IngestResult:
+    """`finish` for an event loop: the commit runs on `COMMITS`' thread."""
+    return _result(batch_id, None if commit is None else await COMMITS.commit(commit))
+
+
+def _result(batch_id: str, stored: int | None) -> IngestResult:
+    """None stored: an empty batch (nothing to store, not a duplicate); 0: a retry."""
+    return IngestResult(batch_id, stored or 0, stored == 0)
+
+
+_Settled = tuple[asyncio.Future[int], int, BaseException | None]  # (future, rows, error)
 
 
 class Committer:
@@ -233,7 +243,7 @@ class Committer:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._queue: list[tuple[Commit, asyncio.Future[int]]] = []
+        self._queue: list[tuple[Commit, asyncio.Future[int]]] = []  # (guarded by _lock)
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -255,9 +265,7 @@ class Committer:
             self._wake.clear()
             with self._lock:
                 queued, self._queue = self._queue, []
-            settled: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], int,
-                                                              BaseException | None]]]
-            settled = defaultdict(list)
+            settled: defaultdict[asyncio.AbstractEventLoop, list[_Settled]] = defaultdict(list)
             for commit, future in queued:
                 try:
                     outcome: tuple[int, BaseException | None] = (commit(), None)
@@ -269,7 +277,7 @@ class Committer:
                     loop.call_soon_threadsafe(_settle, results)
 
 
-def _settle(results: list[tuple[asyncio.Future[int], int, BaseException | None]]) -> None:
+def _settle(results: list[_Settled]) -> None:
     for future, stored, error in results:
         if future.done():  # the request was cancelled (its client went away)
             continue
