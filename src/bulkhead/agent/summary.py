@@ -38,11 +38,9 @@ DROP_MEMORY_S = 30.0  # a dropped 5-tuple seen again within this is a retry, not
 PAIRING_S = 2.0  # how long a connection and its NFLOG verdict wait for each other
 
 
-class CtLike(Protocol):
-    """What the summarizer reads of a conntrack event (`conntrack.CtEvent`)."""
+class PacketLike(Protocol):
+    """The 5-tuple the summarizer reads of a conntrack event or an NFLOG packet."""
 
-    @property
-    def kind(self) -> str: ...
     @property
     def proto(self) -> int: ...
     @property
@@ -53,6 +51,13 @@ class CtLike(Protocol):
     def sport(self) -> int: ...
     @property
     def dport(self) -> int: ...
+
+
+class CtLike(PacketLike, Protocol):
+    """What the summarizer reads of a conntrack event (`conntrack.CtEvent`)."""
+
+    @property
+    def kind(self) -> str: ...
     @property
     def icmp_type(self) -> int | None: ...
     @property
@@ -63,21 +68,11 @@ class CtLike(Protocol):
     def ct_id(self) -> int: ...
 
 
-class LoggedLike(Protocol):
+class LoggedLike(PacketLike, Protocol):
     """What the summarizer reads of an NFLOG packet (`nflog.LoggedPacket`)."""
 
     @property
     def prefix(self) -> str: ...
-    @property
-    def proto(self) -> int: ...
-    @property
-    def src(self) -> str: ...
-    @property
-    def dst(self) -> str: ...
-    @property
-    def sport(self) -> int: ...
-    @property
-    def dport(self) -> int: ...
 
 
 # (process, unit) of the local end; None when no process could be found
